@@ -1,0 +1,51 @@
+"""A resumable on-disk cache of teacher ODE trajectories (noise -> data), for direct
+distillation and ReFlow (seed ``000_*`` section 1: "the teacher generates the paired endpoint,
+usually the expensive step").
+
+Chunks are written as ``chunk_XXXXX.npz`` through a temporary file and an atomic rename, so a
+process killed mid-way leaves only complete chunks; a restart generates just the missing ones.
+``meta.json`` records what the cache was built with; a cache built with other settings is
+refused rather than mixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+
+def build_cache(directory: str, generate: Callable[[int, int], dict], num: int, chunk: int,
+                meta: dict, progress: bool = True) -> dict:
+  """Fill ``directory`` with ``ceil(num / chunk)`` chunks and return their concatenation.
+
+  ``generate(chunk_index, chunk_size) -> {name: array (chunk_size, ...)}`` must be a pure
+  function of its arguments (seed it from the chunk index).
+  """
+  os.makedirs(directory, exist_ok=True)
+  meta = dict(meta, num=num, chunk=chunk)
+  meta_path = os.path.join(directory, "meta.json")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      old = json.load(f)
+    if old != json.loads(json.dumps(meta)):
+      raise ValueError(f"pair cache {directory} was built with different settings: {old} "
+                       f"!= {meta}; remove it or choose another directory")
+  else:
+    with open(meta_path + ".tmp", "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(meta_path + ".tmp", meta_path)
+  n_chunks = -(-num // chunk)
+  parts = []
+  for c in tqdm(range(n_chunks), desc="teacher pairs", disable=not progress, leave=False):
+    path = os.path.join(directory, f"chunk_{c:05d}.npz")
+    if not os.path.exists(path):
+      arrays = {k: np.asarray(v) for k, v in generate(c, chunk).items()}
+      tmp = path + ".tmp.npz"
+      np.savez(tmp, **arrays)
+      os.replace(tmp, path)
+    with np.load(path) as z:
+      parts.append({k: z[k] for k in z.files})
+  return {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}

@@ -1,0 +1,141 @@
+"""Flow-map parameterisations ``f(x, t, s) = c_skip(t, s) x + c_out(t, s) F(c_in x, t, s)``.
+
+Seed ``001_*`` ("ODE distillation methods"): the boundary condition ``f(x, t, t) = x`` holds
+exactly when ``c_skip(t, t) = 1`` and ``c_out(t, t) = 0``. Seed ``004_*`` ("Boundary
+conditions"): first-order ``x + (s - t) NN`` and second-order ``x + (s - t) v + (s - t)^2 NN``.
+
+A network is any callable ``net(params, x, t, s, cond) -> array like x`` (DESIGN.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fmdistill.paths import bcast
+
+Array = jax.Array
+Net = Callable[..., Array]  # net(params, x, t, s, cond)
+PARAMETERIZATIONS = ("displacement", "trigflow", "edm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameterization:
+  """Coefficients of a flow map.
+
+  * ``displacement`` (MeanFlow, AYF, Shortcut): ``f = x + (s - t) F``; ``F(x, t, t)`` is the
+    instantaneous velocity and ``F(x, t, s)`` the average velocity over ``[s, t]``.
+  * ``trigflow`` (sCM): ``f = cos(t - s) x - sin(t - s) sigma_d F(x / sigma_d, t, s)``.
+  * ``edm`` (consistency models): ``c_skip = sigma_d^2 / (sigma_d^2 + (t - s)^2)``,
+    ``c_out = (s - t) sigma_d / sqrt(sigma_d^2 + (t - s)^2)``.
+  """
+  name: str = "displacement"
+  sigma_d: float = 1.0
+
+  def __post_init__(self):
+    if self.name not in PARAMETERIZATIONS:
+      raise ValueError(f"unknown parameterization {self.name!r}; known: {list(PARAMETERIZATIONS)}")
+
+  def coefficients(self, t: Array, s: Array) -> tuple[Array, Array, Array]:
+    """``(c_skip, c_out, c_in)`` as arrays of the shape of ``t``."""
+    d = t - s
+    sd = self.sigma_d
+    if self.name == "displacement":
+      return jnp.ones_like(d), -d, jnp.ones_like(d)
+    if self.name == "trigflow":
+      return jnp.cos(d), -sd * jnp.sin(d), jnp.full_like(d, 1.0 / sd)
+    r = jnp.sqrt(sd ** 2 + d ** 2)
+    return sd ** 2 / r ** 2, -d * sd / r, jnp.ones_like(d)
+
+  def apply(self, net: Net, params: Any, x: Array, t: Array, s: Array,
+            cond: Array | None = None) -> Array:
+    """``f(x, t, s)``; ``x (B, ...)``, ``t, s (B,)``. Coefficients are computed in float32."""
+    t32, s32 = t.astype(jnp.float32), s.astype(jnp.float32)
+    c_skip, c_out, c_in = (bcast(c, x) for c in self.coefficients(t32, s32))
+    out = net(params, (c_in * x).astype(x.dtype), t32, s32, cond)
+    return (c_skip * x + c_out * out).astype(x.dtype)
+
+  def velocity(self, net: Net, params: Any, x: Array, t: Array,
+               cond: Array | None = None) -> Array:
+    """Instantaneous velocity ``df(x, t, s)/ds`` at ``s = t`` in closed form.
+
+    ``c_out(t, t) = 0`` and ``d c_skip/ds = 0`` at ``s = t`` for every parameterisation here,
+    so ``v = (d c_out / ds)|_{s=t} F(c_in x, t, t)``: ``F`` (displacement, edm) or
+    ``sigma_d F(x / sigma_d, t, t)`` (trigflow).
+    """
+    t32 = t.astype(jnp.float32)
+    _, _, c_in = self.coefficients(t32, t32)
+    rate = self.sigma_d if self.name == "trigflow" else 1.0
+    out = net(params, (bcast(c_in, x) * x).astype(x.dtype), t32, t32, cond)
+    return (rate * out).astype(x.dtype)
+
+  def from_flow_map(self, f: Array, x: Array, t: Array, s: Array) -> Array:
+    """Invert the parameterisation: the ``F`` that makes ``f(x, t, s) = f`` (for ``s != t``)."""
+    c_skip, c_out, _ = (bcast(c, x) for c in self.coefficients(t, s))
+    return (f - c_skip * x) / c_out
+
+
+def second_order(net: Net, velocity: Callable[[Array, Array, Any], Array]) -> Net:
+  """Seed ``004_*``: ``f = x + (s - t) v(x, t) + (s - t)^2 NN(x, t, s)`` as a displacement net.
+
+  Returns a network ``G`` with ``x + (s - t) G = f``, i.e. ``G = v + (s - t) NN``, so the result
+  plugs into ``Parameterization('displacement')``. ``velocity(x, t, cond)`` is the (frozen)
+  teacher velocity, wrapped in ``stop_gradient``.
+  """
+  def g(params, x, t, s, cond=None):
+    v = jax.lax.stop_gradient(velocity(x, t, cond))
+    return v + bcast(s - t, x).astype(x.dtype) * net(params, x, t, s, cond)
+  return g
+
+
+def velocity_from_flow_map(param: Parameterization, net: Net, params: Any, x: Array,
+                           t: Array, cond: Array | None = None) -> Array:
+  """Instantaneous velocity ``d f(x, t, s) / ds`` at ``s = t`` via ``jax.jvp`` in ``s``."""
+  fn = lambda s: param.apply(net, params, x, t, s, cond)
+  return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
+
+
+def teacher_velocity(net: Net, params: Any, param: Parameterization | None = None, *,
+                     guidance: float = 1.0, null_label: int | None = None
+                     ) -> Callable[[Array, Array, Array | None], Array]:
+  """A velocity ``v(x, t, cond)`` from a flow-matching network, with classifier-free guidance.
+
+  ``v = df/ds|_{s=t}`` (``F(x, t, t)`` for the displacement parameterisation).
+  With ``guidance != 1`` and labels: ``v = v(x|null) + w (v(x|c) - v(x|null))``.
+  """
+  param = param or Parameterization("displacement")
+
+  def single(x, t, cond):
+    return param.velocity(net, params, x, t, cond)
+
+  def v(x, t, cond=None):
+    if guidance == 1.0 or cond is None:
+      return single(x, t, cond)
+    if null_label is None:
+      raise ValueError("classifier-free guidance needs the model's null label")
+    uncond = single(x, t, jnp.full_like(cond, null_label))
+    return uncond + guidance * (single(x, t, cond) - uncond)
+  return v
+
+
+def teacher_network(net: Net, params: Any, param: Parameterization, src_path, dst_path, *,
+                    guidance: float = 1.0, null_label: int | None = None) -> Callable:
+  """Bind a frozen flow-matching teacher into ``teacher(x, t, s, cond)`` on the student's path.
+
+  The result follows DESIGN.md's convention that a teacher velocity is ``F(x, t, t)``: it returns
+  the teacher's (guided) velocity at ``(x, t)`` converted from ``src_path`` to ``dst_path`` by
+  SNR matching (``fmdistill.paths.convert_velocity``), and ignores ``s``. The output is wrapped
+  in ``stop_gradient``.
+  """
+  from fmdistill.paths import convert_velocity  # local: paths does not import flowmap
+  v = teacher_velocity(net, params, param, guidance=guidance, null_label=null_label)
+
+  def teacher(x, t, s=None, cond=None):
+    del s
+    vc = lambda x_, t_: v(x_, t_, cond)
+    if src_path.name != dst_path.name or src_path.sigma_d != dst_path.sigma_d:
+      vc = convert_velocity(vc, src_path, dst_path)
+    return jax.lax.stop_gradient(vc(x, t))
+  return teacher

@@ -1,0 +1,62 @@
+"""Networks with the one call signature ``F(params, x, t, s, cond) -> array like x``.
+
+Modules are written in ``flax.nnx`` and split once into ``(graphdef, params)``; ``params`` is a
+plain nested dict of arrays (``nnx.to_pure_dict``), so losses, EMA, sharding rules and orbax all
+see an ordinary pytree and ``Network.__call__`` is a pure function of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from fmdistill.models.dit import DiT
+from fmdistill.models.mlp import MLP
+
+Array = jax.Array
+MODELS = ("mlp", "dit")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A pure network: ``net(params, x, t, s, cond=None)``; hashable, so usable as a jit static."""
+  graphdef: Any
+
+  def __call__(self, params: Any, x: Array, t: Array, s: Array, cond: Array | None = None
+               ) -> Array:
+    return nnx.merge(self.graphdef, params)(x, t, s, cond)
+
+
+def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_classes: int,
+          key: Array) -> tuple[Network, dict]:
+  """Build ``cfg.name`` for examples of shape ``data_shape`` (no batch axis).
+
+  Returns the pure network and its float32 params (nested dict).
+  """
+  if cfg.name not in MODELS:
+    raise ValueError(f"model.name must be one of {list(MODELS)}, got {cfg.name!r}")
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+  rngs = nnx.Rngs(params=key)
+  dtype = DTYPES[cfg.dtype]
+  if cfg.name == "mlp":
+    if len(data_shape) != 1:
+      raise ValueError(f"model 'mlp' takes vectors (d,), the data has shape {data_shape}; "
+                       "use model.name='dit' for images")
+    module = MLP(data_shape[0], cfg.width, cfg.depth, num_classes, dtype, rngs=rngs)
+  else:
+    if len(data_shape) != 3:
+      raise ValueError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
+    module = DiT(tuple(data_shape), cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
+                 num_classes, dtype, cfg.attn_impl, rngs=rngs)
+  graphdef, state = nnx.split(module)
+  return Network(graphdef), nnx.to_pure_dict(state)
+
+
+def param_count(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

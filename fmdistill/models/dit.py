@@ -1,0 +1,102 @@
+"""A small DiT (Peebles & Xie 2023) flow-map network for images: ``F(x, t, s, cond)``.
+
+``x (B, H, W, C)`` -> patches of ``patch x patch`` -> ``depth`` transformer blocks with
+adaLN-zero conditioning on ``TimeEmbed(t, t - s) + LabelEmbed(cond)`` -> unpatchify. Attention
+goes through ``fmdistill.pallas.attention`` so that the fused kernel (and its JVP rule) is
+used by every objective unchanged.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from fmdistill import pallas
+from fmdistill.models.embeddings import LabelEmbed, TimeEmbed
+
+Array = jax.Array
+
+
+def pos_embed_2d(h: int, w: int, dim: int) -> np.ndarray:
+  """Fixed 2-D sin/cos position embedding ``(h * w, dim)``."""
+  def one_d(pos, d):
+    omega = 1.0 / 10_000 ** (np.arange(d // 2) / (d // 2))
+    out = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  gy, gx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
+                       indexing="ij")
+  return np.concatenate([one_d(gy, dim // 2), one_d(gx, dim // 2)], axis=1).astype(np.float32)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block with adaLN-zero (shift, scale, gate for attention and MLP)."""
+
+  def __init__(self, width: int, heads: int, mlp_ratio: float, dtype, attn_impl: str, *,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=jnp.float32)
+    self.heads, self.attn_impl = heads, attn_impl
+    self.norm1 = nnx.LayerNorm(width, use_scale=False, use_bias=False, rngs=rngs, **kw)
+    self.norm2 = nnx.LayerNorm(width, use_scale=False, use_bias=False, rngs=rngs, **kw)
+    self.qkv = nnx.Linear(width, 3 * width, rngs=rngs, **kw)
+    self.proj = nnx.Linear(width, width, rngs=rngs, **kw)
+    hidden = int(width * mlp_ratio)
+    self.fc1 = nnx.Linear(width, hidden, rngs=rngs, **kw)
+    self.fc2 = nnx.Linear(hidden, width, rngs=rngs, **kw)
+    self.ada = nnx.Linear(width, 6 * width, rngs=rngs, kernel_init=nnx.initializers.zeros, **kw)
+
+  def __call__(self, x: Array, c: Array) -> Array:
+    sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(nnx.silu(c)), 6, axis=-1)
+    q, k, v = jnp.split(self.qkv(modulate(self.norm1(x), sh1, sc1)), 3, axis=-1)
+    q, k, v = (rearrange(a, "b n (h d) -> b n h d", h=self.heads) for a in (q, k, v))
+    a = pallas.attention(q, k, v, impl=self.attn_impl)
+    x = x + g1[:, None] * self.proj(rearrange(a, "b n h d -> b n (h d)"))
+    h = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), sh2, sc2)), approximate=True))
+    return x + g2[:, None] * h
+
+
+class DiT(nnx.Module):
+  """Diffusion transformer; ``num_classes = 0`` means unconditional."""
+
+  def __init__(self, image_shape: tuple[int, int, int], patch: int = 2, width: int = 128,
+               depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 0,
+               dtype: jnp.dtype = jnp.float32, attn_impl: str = "auto", *, rngs: nnx.Rngs):
+    h, w, ch = image_shape
+    if h % patch or w % patch:
+      raise ValueError(f"image size {h}x{w} is not divisible by patch {patch}")
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by heads {heads}")
+    self.patch, self.grid, self.channels, self.depth, self.dtype = patch, (h // patch, w // patch), ch, depth, dtype
+    kw = dict(dtype=dtype, param_dtype=jnp.float32)
+    self.embed = nnx.Linear(patch * patch * ch, width, rngs=rngs, **kw)
+    self.width = width
+    self.time = TimeEmbed(width, rngs=rngs)
+    self.label = LabelEmbed(num_classes, width, rngs=rngs) if num_classes else None
+    for i in range(depth):
+      setattr(self, f"block{i}", Block(width, heads, mlp_ratio, dtype, attn_impl, rngs=rngs))
+    self.final_norm = nnx.LayerNorm(width, use_scale=False, use_bias=False, rngs=rngs, **kw)
+    self.final_ada = nnx.Linear(width, 2 * width, rngs=rngs,
+                                kernel_init=nnx.initializers.zeros, **kw)
+    self.final = nnx.Linear(width, patch * patch * ch, rngs=rngs,
+                            kernel_init=nnx.initializers.zeros, **kw)
+
+  def __call__(self, x: Array, t: Array, s: Array, cond: Array | None = None) -> Array:
+    p = self.patch
+    gh, gw = self.grid
+    c = self.time(t, s)
+    if self.label is not None and cond is not None:
+      c = c + self.label(cond)
+    c = c.astype(self.dtype)
+    z = rearrange(x.astype(self.dtype), "b (gh p1) (gw p2) c -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
+    z = self.embed(z) + jnp.asarray(pos_embed_2d(gh, gw, self.width), self.dtype)[None]
+    for i in range(self.depth):
+      z = getattr(self, f"block{i}")(z, c)
+    shift, scale = jnp.split(self.final_ada(nnx.silu(c)), 2, axis=-1)
+    z = self.final(modulate(self.final_norm(z), shift, scale))
+    out = rearrange(z, "b (gh gw) (p1 p2 c) -> b (gh p1) (gw p2) c", gh=gh, gw=gw, p1=p, p2=p)
+    return out.astype(x.dtype)

@@ -1,0 +1,54 @@
+"""Helpers shared by the objective families (no losses are registered here)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fmdistill import flowmap, paths
+
+Array = jax.Array
+
+
+def base_config(**overrides) -> ml_collections.ConfigDict:
+  """Fields every method has: the probability path, the flow-map parameterisation, the time
+  sampler, and ``num_classes`` (set by the train loop from the data; 0 = unconditional)."""
+  cfg = ml_collections.ConfigDict(dict(
+      path="linear", sigma_d=1.0, param="displacement",
+      time_sampler="uniform", time_mean=0.0, time_std=1.0,
+      label_dropout=0.0, num_classes=0, target_ema=""))
+  cfg.update(overrides)
+  return cfg
+
+
+def path_of(cfg) -> paths.Path:
+  return paths.get_path(cfg.path, cfg.sigma_d)
+
+
+def param_of(cfg) -> flowmap.Parameterization:
+  return flowmap.Parameterization(cfg.param, cfg.sigma_d)
+
+
+def sample_t(key: Array, n: int, cfg, path: paths.Path) -> Array:
+  return paths.sample_time(key, n, cfg.time_sampler, T=path.T, mean=cfg.time_mean,
+                           std=cfg.time_std, sigma_d=cfg.sigma_d)
+
+
+def noisy(key: Array, x0: Array, t: Array, path: paths.Path) -> tuple[Array, Array, Array]:
+  """``(x_t, eps, conditional velocity)`` for data ``x0`` at times ``t``."""
+  eps = jax.random.normal(key, x0.shape, x0.dtype)
+  return path.sample(x0, eps, t), eps, path.velocity(x0, eps, t)
+
+
+def drop_labels(key: Array, cond: Array | None, cfg) -> Array | None:
+  """Replace labels by the null label ``cfg.num_classes`` with probability ``label_dropout``."""
+  if cond is None or cfg.label_dropout <= 0:
+    return cond
+  drop = jax.random.uniform(key, cond.shape) < cfg.label_dropout
+  return jnp.where(drop, cfg.num_classes, cond)
+
+
+def mean_sq(x: Array) -> Array:
+  """Per-example mean square over all non-batch axes, in float32: ``(B, ...) -> (B,)``."""
+  x = x.astype(jnp.float32)
+  return jnp.mean(jnp.square(x).reshape(x.shape[0], -1), axis=-1)
