@@ -46,8 +46,8 @@ class Parameterization:
       return jnp.ones_like(d), -d, jnp.ones_like(d)
     if self.name == "trigflow":
       return jnp.cos(d), -sd * jnp.sin(d), jnp.full_like(d, 1.0 / sd)
-    r = jnp.sqrt(sd ** 2 + d ** 2)
-    return sd ** 2 / r ** 2, -d * sd / r, jnp.ones_like(d)
+    r2 = sd ** 2 + d ** 2
+    return sd ** 2 / r2, -d * sd / jnp.sqrt(r2), jnp.ones_like(d)
 
   def apply(self, net: Net, params: Any, x: Array, t: Array, s: Array,
             cond: Array | None = None) -> Array:

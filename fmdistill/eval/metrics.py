@@ -57,7 +57,7 @@ def frechet_distance(fa, fb) -> float:
   fa, fb = _flat(fa), _flat(fb)
   mu_a, mu_b = fa.mean(0), fb.mean(0)
   ca, cb = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
-  covmean, _ = linalg.sqrtm(ca @ cb, disp=False)
+  covmean = linalg.sqrtm(ca @ cb)
   covmean = np.real(covmean)
   return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
 
