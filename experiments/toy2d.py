@@ -21,13 +21,13 @@ def method_config(method: str, toy: str = "checkerboard"):
   c = config_lib.base(method)
   c.data.toy = toy
   c.model.width, c.model.depth = 256, 3
-  c.train.batch_size = 512
+  c.train.batch_size = 256
   c.train.steps = 4000
   c.train.lr = 2e-3
   c.train.log_every = 200
   c.train.ckpt_every = 1000
   if method == "direct_distill":
-    c.train.steps = 3000
+    c.train.steps = 2000
     c.train.lr = 5e-4
     c.train.warmup_steps = 0
     c.objective.pair_steps = 4

@@ -20,9 +20,13 @@ import orbax.checkpoint as ocp
 def manager(workdir: str, keep: int = 3, every: int = 1, read_only: bool = False
             ) -> ocp.CheckpointManager:
   """A CheckpointManager over ``workdir/checkpoints`` keeping the ``keep`` newest steps."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=every, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=False)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0, max_to_keep=None,
+                                           enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                           enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                options=options, item_names=("state",))
 

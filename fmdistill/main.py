@@ -13,6 +13,7 @@ previous stage's run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -89,5 +90,26 @@ def main(argv):
   print(f"done: see {os.path.join(_WORKDIR.value, 'report.md')}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad ``--config`` or ``--config.*`` in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    # a config file that raised: keep the flag and the exception line, drop the traceback
+    msg = lines[0] + (" " + lines[-1] if len(lines) > 1 else "")
+    print(f"error: {msg}", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e).replace("\\'", "'").replace("\\n", " ")
+    field = re.search(r"'(\w+)'", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    name = field.group(1) if field else "?"
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and a.split("=")[0].endswith("." + name)), "--config")
+    print(f"error: {flag}: unknown config field {name!r}"
+          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""), file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -196,7 +196,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
         skipped=state.skipped + (~ok), consecutive_skips=jnp.where(ok, 0,
                                                                    state.consecutive_skips + 1))
     metrics.update({k: v for k, v in aux.items()})
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), finite=ok.astype(jnp.float32),
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
                    skipped=state.skipped)
     return state, metrics
 
@@ -296,9 +296,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       eval_fn: Callable | None = None, progress: bool = True
-                       ) -> tuple[models.Network, TrainState]:
+                       eval_fn: Callable | None = None, progress: bool = True,
+                       stop_after: int | None = None) -> tuple[models.Network, TrainState]:
   """Train ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+  ``stop_after`` ends this process after that many steps (checkpointed), leaving the run to be
+  resumed later with the same command — for wall-time-limited jobs.
 
   ``eval_fn(net, state) -> dict`` runs every ``train.eval_every`` steps (0 = never); its
   figures are logged with an ``eval/`` prefix.
@@ -315,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tparams = teacher.params if teacher is not None else None
   proc, nproc = jax.process_index(), jax.process_count()
   log = open(os.path.join(workdir, "metrics.jsonl"), "a") if proc == 0 else None
-  bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=config.method,
+  end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+  bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
              disable=not progress or proc != 0, dynamic_ncols=True)
   t0, last = time.time(), None
   try:
