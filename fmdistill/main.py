@@ -81,7 +81,7 @@ def _sample(runs: dict, workdir: str, nfe: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
