@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from fmdistill import flowmap, models, objectives, paths, sampling
+from fmdistill.errors import ConfigError
 
 _DATA = dict(name="toy", toy="checkerboard", num_examples=4096, conditional=False,
              tfds_name="", data_dir="", split="train", image_key="image", label_key="label",
@@ -42,12 +43,16 @@ def base(method: str) -> ml_collections.ConfigDict:
 
 def _check(ok: bool, field: str, value, accepted) -> None:
   if not ok:
-    raise ValueError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
+    raise ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raise ``ValueError`` with one line naming the first bad field."""
+  """Raise ``ConfigError`` with one line naming the first bad field."""
   _check(c.method in objectives.names(), "method", c.method, objectives.names())
+  try:
+    objectives.entry(c.method).defaults().update(c.objective)
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ConfigError(f"config.objective does not fit method {c.method!r}: {e}") from None
   o = c.objective
   _check(o.path in paths.PATHS, "objective.path", o.path, sorted(paths.PATHS))
   _check(o.param in flowmap.PARAMETERIZATIONS, "objective.param", o.param,
@@ -62,11 +67,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
          ["auto", "pallas", "xla"])
   for name in ("width", "depth", "heads", "patch"):
     _check(c.model[name] > 0, f"model.{name}", c.model[name], "a positive integer")
+  if c.model.name == "dit":
+    _check(c.model.width % c.model.heads == 0, "model.heads", c.model.heads,
+           f"a divisor of model.width={c.model.width}")
+    _check(c.model.width % 4 == 0, "model.width", c.model.width,
+           "a multiple of 4 (2-D sin/cos position embedding)")
+  _check(c.model.mlp_ratio > 0, "model.mlp_ratio", c.model.mlp_ratio, "> 0")
   for section in ("train", "critic"):
     t = c[section]
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep"):
       _check(t[name] > 0, f"{section}.{name}", t[name], "a positive integer")
     _check(t.lr > 0, f"{section}.lr", t.lr, "> 0")
+    _check(t.grad_clip >= 0, f"{section}.grad_clip", t.grad_clip, ">= 0 (0 = off)")
+    _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"{section}.b1/b2", (t.b1, t.b2), "in [0, 1)")
+    _check(t.weight_decay >= 0, f"{section}.weight_decay", t.weight_decay, ">= 0")
+    _check(0 <= t.final_lr <= 1, f"{section}.final_lr", t.final_lr, "a fraction in [0, 1]")
     _check(t.schedule in ("constant", "cosine"), f"{section}.schedule", t.schedule,
            ["constant", "cosine"])
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps", t.warmup_steps, ">= 0")
@@ -77,6 +92,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
          c.train.batch_size, f"a multiple of the process count {jax.process_count()}")
   _check(c.data.name in ("toy", "digits", "shapes", "tfds"), "data.name", c.data.name,
          ["digits", "shapes", "tfds", "toy"])
+  from fmdistill.data import toy
+  if c.data.name == "toy":
+    _check(c.data.toy in toy.TOYS, "data.toy", c.data.toy, sorted(toy.TOYS))
+    _check(c.model.name == "mlp", "model.name", c.model.name, "'mlp' for 2-D toy data")
+  else:
+    _check(c.model.name == "dit", "model.name", c.model.name, "'dit' for image data")
+  if c.data.name == "shapes":
+    _check(c.data.num_examples >= 2, "data.num_examples", c.data.num_examples, ">= 2")
+  _check(c.eval.num_samples >= 2, "eval.num_samples", c.eval.num_samples, ">= 2")
+  _check(all(n >= 1 for n in tuple(c.eval.teacher_nfe) + tuple(c.eval.student_nfe)),
+         "eval.teacher_nfe/student_nfe", (c.eval.teacher_nfe, c.eval.student_nfe),
+         "positive integers")
+  _check(0 <= c.eval.gamma <= 1, "eval.gamma", c.eval.gamma, "[0, 1]")
   _check(c.eval.solver in sampling.SOLVERS, "eval.solver", c.eval.solver,
          list(sampling.SOLVERS))
   _check(c.teacher.pair_solver in sampling.SOLVERS, "teacher.pair_solver",

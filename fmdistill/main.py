@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "what to do")
 _NFE = flags.DEFINE_integer("nfe", 1, "network evaluations per sample, for --mode=sample")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "move a workdir that holds a different "
+                               "experiment aside (to <workdir>.replaced-<time>) and start fresh")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +36,8 @@ def stages(config) -> list[tuple[str, object]]:
   return [(name, config.stages[name]) for name in config.stage_order]
 
 
-def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool = True) -> dict:
+def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool = True,
+        overwrite: bool = False) -> dict:
   """Programmatic form of the command line; returns the evaluation result (or {})."""
   from fmdistill import objectives, train
   from fmdistill.eval import report
@@ -50,7 +53,7 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
       with cfg.unlocked():
         cfg.teacher.workdir = list(runs.values())[-1]
     if mode == "train":
-      train.train_and_evaluate(cfg, wd, progress=progress)
+      train.train_and_evaluate(cfg, wd, progress=progress, overwrite=overwrite)
     runs[name] = wd
   if mode == "sample":
     return _sample(runs, workdir, nfe)
@@ -82,8 +85,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
+  from fmdistill.errors import Preempted
   try:
-    run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value)
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value,
+        _OVERWRITE.value)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -8,23 +8,23 @@ logging to a tqdm bar, ``metrics.jsonl`` and a stdout line every ``log_every`` s
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import struct
 from tqdm import tqdm
 
-from fmdistill import checkpoint, config as config_lib, data, flowmap, models, objectives, paths
-from fmdistill import sampling
-from fmdistill.data import pairs
+from fmdistill import checkpoint, config as config_lib, data, models, objectives
+from fmdistill import teacher as teacher_lib, workdir as workdir_lib
+from fmdistill.errors import ConfigError, Preempted
 
 Array = jax.Array
 
@@ -115,37 +115,11 @@ def abstract_state(config: ml_collections.ConfigDict) -> tuple[models.Network, T
   return out["net"], state
 
 
-class Teacher(struct.PyTreeNode):
-  """A frozen teacher: network, its parameterisation and path, and its weights."""
-  net: Any = struct.field(pytree_node=False)
-  param: flowmap.Parameterization = struct.field(pytree_node=False)
-  path: paths.Path = struct.field(pytree_node=False)
-  params: Any = None
-
-
-def load_teacher(config: ml_collections.ConfigDict) -> Teacher | None:
-  if not config.teacher.workdir:
-    return None
-  tconfig, net, params = checkpoint.load_params(config.teacher.workdir, config.teacher.which)
-  o = tconfig.objective
-  return Teacher(net, flowmap.Parameterization(o.param, o.sigma_d),
-                 paths.get_path(o.path, o.sigma_d), params)
-
-
-def bind_teacher(teacher: Teacher | None, params: Any, config) -> Callable | None:
-  if teacher is None:
-    return None
-  o = config.objective
-  return flowmap.teacher_network(
-      teacher.net, params, teacher.param, teacher.path, paths.get_path(o.path, o.sigma_d),
-      guidance=config.teacher.guidance, null_label=o.num_classes or None)
-
-
 # ------------------------------------------------------------------------------ the step
 
 
 def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
-                    teacher: Teacher | None) -> Callable:
+                    teacher: teacher_lib.Teacher | None) -> Callable:
   """``step(state, batch, teacher_params) -> (state, metrics)``, jitted, state donated."""
   entry = objectives.entry(config.method)
   loss_fn, ocfg, t = entry.loss, config.objective, config.train
@@ -157,7 +131,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
     def one(carry, k):
       cp, copt = carry
       loss_c = lambda p: spec.loss(p, state.params, batch, k, net=net, critic_net=teacher.net,
-                                   teacher=bind_teacher(teacher, tparams, config),
+                                   teacher=teacher_lib.bind(teacher, tparams, config),
                                    step=state.step, cfg=ocfg)
       (lc, _), g = jax.value_and_grad(loss_c, has_aux=True)(cp)
       upd, copt2 = critic_opt.update(g, copt, cp)
@@ -176,7 +150,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
     metrics = {}
     if entry.critic:
       state, metrics["critic_loss"] = critic_update(state, batch, k_critic, tparams)
-    bound = bind_teacher(teacher, tparams, config)
+    bound = teacher_lib.bind(teacher, tparams, config)
     target = state.ema[ocfg.target_ema] if ocfg.target_ema else state.params
     extra = {"critic": (teacher.net, state.critic_params)} if entry.critic else {}
 
@@ -213,60 +187,16 @@ def _all_finite(tree) -> Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-# ------------------------------------------------------------------------------ teacher pairs
-
-
-def pair_source(config, teacher: Teacher, shape: tuple, num_classes: int, workdir: str):
-  """Build (or resume) the teacher-trajectory cache and expose it as a data source."""
-  o, tc = config.objective, config.teacher
-  path = paths.get_path(o.path, o.sigma_d)
-  k = o.pair_steps
-  grid = np.asarray(sampling.time_grid(k, path.T))
-  sub = sampling.solver_steps_for_nfe(tc.pair_nfe, tc.pair_solver)
-  if sub % k:
-    raise ValueError(f"teacher.pair_nfe={tc.pair_nfe} with {tc.pair_solver} gives {sub} steps, "
-                     f"not a multiple of objective.pair_steps={k}")
-
-  @jax.jit
-  def trajectories(key, tparams):
-    kx, kc = jax.random.split(key)
-    x = path.sigma(jnp.float32(path.T)) * jax.random.normal(kx, (tc.pair_chunk,) + shape)
-    cond = jax.random.randint(kc, (tc.pair_chunk,), 0, num_classes) if num_classes else None
-    bound = bind_teacher(teacher, tparams, config)
-    v = lambda x_, t_: bound(x_, t_, t_, cond)
-    states = [x]
-    for a, b in zip(grid[:-1], grid[1:]):
-      x = sampling.solve_ode(v, x, jnp.linspace(a, b, sub // k + 1), tc.pair_solver)
-      states.append(x)
-    out = {"traj": jnp.stack(states, 1)}
-    if cond is not None:
-      out["cond"] = cond
-    return out
-
-  gen = lambda c, n: trajectories(jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), c),
-                                  teacher.params)
-  meta = dict(teacher=os.path.abspath(tc.workdir), which=tc.which, guidance=tc.guidance,
-              solver=tc.pair_solver, nfe=tc.pair_nfe, pair_steps=k, path=o.path,
-              seed=config.seed)
-  directory = tc.pair_cache or os.path.join(workdir, "pairs")
-  arrays = pairs.build_cache(directory, gen, tc.pair_num, tc.pair_chunk, meta)
-
-  def get(idx):
-    out = {"traj": arrays["traj"][idx], "x": arrays["traj"][idx, -1]}
-    if "cond" in arrays:
-      out["cond"] = arrays["cond"][idx]
-    return out
-  return data.ArraySource(get, len(arrays["traj"]), config.seed, shape, num_classes)
-
-
-
 # ------------------------------------------------------------------------------ the loop
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str):
+def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+          progress: bool = True):
   """Resolve data, teacher and model for ``config``: ``(source, teacher, net, state)``.
 
-  Fills in ``config.data_shape`` and ``config.objective.num_classes`` from the data.
+  Fills in ``config.data_shape`` and ``config.objective.num_classes`` from the data. Every
+  check that can fail on a bad config runs before anything is written into ``workdir`` (the
+  teacher-pair cache is the only thing written here, last).
   """
   config_lib.validate(config)
   source = make_source(config)
@@ -274,82 +204,127 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   with config.unlocked():
     config.data_shape = list(shape)
     config.objective.num_classes = num_classes
+  workdir_lib.check(workdir, config, overwrite)
   entry = objectives.entry(config.method)
-  teacher = load_teacher(config)
+  teacher = teacher_lib.load(config)
   if entry.needs_teacher and teacher is None:
-    raise ValueError(f"method {config.method!r} distils a teacher: set teacher.workdir to a "
-                     "finished flow-matching run")
-  if entry.batch == "teacher_pairs":
-    source = pair_source(config, teacher, shape, num_classes, workdir)
+    raise ConfigError(f"method {config.method!r} distils a teacher: set config.teacher.workdir "
+                      "to a finished flow-matching run")
   critic_params = _copy(teacher.params) if entry.critic else None
   net, state = init_state(config, shape, num_classes, critic_params)
   if teacher is not None and config.teacher.init_student:
-    if (jax.tree_util.tree_structure(teacher.params) != jax.tree_util.tree_structure(state.params)
-        or jax.tree_util.tree_map(jnp.shape, teacher.params)
-        != jax.tree_util.tree_map(jnp.shape, state.params)):
-      raise ValueError("teacher.init_student=True but the student and teacher architectures "
-                       "differ; set teacher.init_student=False or use the teacher's model config")
+    same = jax.tree_util.tree_structure(teacher.params) == jax.tree_util.tree_structure(
+        state.params) and jax.tree_util.tree_map(jnp.shape, teacher.params) == \
+        jax.tree_util.tree_map(jnp.shape, state.params)
+    if not same:
+      raise ConfigError("config.teacher.init_student=True but the student and teacher "
+                        "architectures differ; set it False or use the teacher's model config")
     p = _copy(teacher.params)
     state = state.replace(params=p, ema={n: _copy(p) for n in state.ema},
                           opt_state=make_optimizer(config.train).init(p))
+  if entry.batch == "teacher_pairs":
+    source = teacher_lib.pair_source(config, teacher, workdir, progress)
   return source, teacher, net, state
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop polls (main thread only; elsewhere a no-op)."""
+
+  def __init__(self):
+    self.set, self._old = False, None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.set = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _trim_log(path: str, step: int) -> None:
+  """Drop log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        eval_fn: Callable | None = None, progress: bool = True,
-                       stop_after: int | None = None) -> tuple[models.Network, TrainState]:
-  """Train ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
-
-  ``stop_after`` ends this process after that many steps (checkpointed), leaving the run to be
-  resumed later with the same command — for wall-time-limited jobs.
+                       stop_after: int | None = None, overwrite: bool = False
+                       ) -> tuple[models.Network, TrainState]:
+  """Train ``config`` in ``workdir``, resuming from its latest good checkpoint if any.
 
   ``eval_fn(net, state) -> dict`` runs every ``train.eval_every`` steps (0 = never); its
-  figures are logged with an ``eval/`` prefix.
+  figures are logged with an ``eval/`` prefix. ``stop_after`` ends this process after that many
+  steps (checkpointed), to be resumed later with the same command. SIGTERM saves a checkpoint
+  at the current step and raises ``Preempted``.
   """
-  source, teacher, net, state = setup(config, workdir)
+  source, teacher, net, state = setup(config, workdir, overwrite=overwrite, progress=progress)
   t = config.train
-  checkpoint.write_config(workdir, config)
+  proc, nproc = jax.process_index(), jax.process_count()
+  if proc == 0:
+    workdir_lib.record(workdir, config)
   mngr = checkpoint.manager(workdir, keep=t.keep, every=t.ckpt_every)
-  start = mngr.latest_step()
-  if start is not None:
-    state = checkpoint.restore(mngr, start, state)
+  state, _ = checkpoint.restore_latest(mngr, state, workdir)
   start = int(state.step)
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  if proc == 0:
+    _trim_log(log_path, start)
   step_fn = make_train_step(config, net, teacher)
   tparams = teacher.params if teacher is not None else None
-  proc, nproc = jax.process_index(), jax.process_count()
-  log = open(os.path.join(workdir, "metrics.jsonl"), "a") if proc == 0 else None
+  log = open(log_path, "a") if proc == 0 else None
   end = t.steps if stop_after is None else min(t.steps, start + stop_after)
   bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
              disable=not progress or proc != 0, dynamic_ncols=True)
-  t0, last = time.time(), None
+  t0 = time.time()
   try:
-    for step in bar:
-      batch = jax.tree_util.tree_map(jnp.asarray, source.batch(step, t.batch_size, proc, nproc))
-      state, metrics = step_fn(state, batch, tparams)
-      done = step + 1
-      if done % t.log_every == 0 or done == t.steps:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last.update(step=done, time=time.time() - t0)
-        if eval_fn is not None and t.eval_every and (done % t.eval_every == 0
-                                                      or done == t.steps):
-          last.update({f"eval/{k}": v for k, v in eval_fn(net, state).items()})
-        if log is not None:
-          log.write(json.dumps(last) + "\n")
-          log.flush()
-        bar.set_postfix(loss=f"{last['loss']:.4g}")
-        if not progress and proc == 0:
-          print(f"[{config.method}] step {done}/{t.steps} loss {last['loss']:.5g}", flush=True)
-      if int(state.consecutive_skips) >= t.max_consecutive_skips > 0:
-        checkpoint.save(mngr, done, state, force=True)
-        raise FloatingPointError(
-            f"{int(state.consecutive_skips)} consecutive non-finite losses/gradients at step "
-            f"{done}; the last good state is saved in {workdir}/checkpoints/{done}")
-      checkpoint.save(mngr, done, state)
-    if mngr.latest_step() != int(state.step):
-      checkpoint.save(mngr, int(state.step), state, force=True)
+    with _SigtermFlag() as sigterm:
+      for step in bar:
+        batch = jax.tree_util.tree_map(jnp.asarray,
+                                       source.batch(step, t.batch_size, proc, nproc))
+        state, metrics = step_fn(state, batch, tparams)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+          _log(log, metrics, done, t0, eval_fn, net, state, t, bar, progress, config.method)
+        if int(state.consecutive_skips) >= t.max_consecutive_skips > 0:
+          checkpoint.save(mngr, done, state, force=True)
+          raise FloatingPointError(
+              f"{int(state.consecutive_skips)} consecutive non-finite losses or gradients at "
+              f"step {done}; stopped, the last good parameters are saved in "
+              f"{workdir}/checkpoints/{done}")
+        if sigterm.set:
+          checkpoint.save(mngr, done, state, force=True)
+          raise Preempted(done)
+        checkpoint.save(mngr, done, state)
+      if mngr.latest_step() != int(state.step):
+        checkpoint.save(mngr, int(state.step), state, force=True)
   finally:
+    bar.close()
     mngr.wait_until_finished()
     mngr.close()
     if log is not None:
       log.close()
   return net, state
+
+
+def _log(log, metrics, done, t0, eval_fn, net, state, t, bar, progress, method) -> None:
+  last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  last.update(step=done, time=time.time() - t0)
+  if eval_fn is not None and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+    last.update({f"eval/{k}": v for k, v in eval_fn(net, state).items()})
+  if log is not None:
+    log.write(json.dumps(last) + "\n")
+    log.flush()
+    bar.set_postfix(loss=f"{last['loss']:.4g}")
+    if not progress:
+      print(f"[{method}] step {done}/{t.steps} loss {last['loss']:.5g}", flush=True)

@@ -93,7 +93,11 @@ def test_teacher_loading_and_pair_cache_resume(tmp_path):
   _, _, tparams = checkpoint.load_params(str(tmp_path / "t"), "ema_0.9")
   for a, b in zip(_leaves(tparams), _leaves(s0.params)):
     np.testing.assert_array_equal(a, b)
-  # a cache built with other settings is refused, not mixed
+  # the workdir now belongs to this experiment: other teacher settings are refused there
   c.teacher.pair_nfe = 16
-  with pytest.raises(ValueError, match="different settings"):
+  with pytest.raises(ValueError, match="holds a different experiment"):
     train.setup(c, str(tmp_path / "s"))
+  # and a shared cache built with other settings is refused, not mixed
+  c.teacher.pair_cache = str(tmp_path / "s" / "pairs")
+  with pytest.raises(ValueError, match="different settings"):
+    train.setup(c, str(tmp_path / "s2"))

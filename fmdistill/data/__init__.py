@@ -10,6 +10,8 @@ import os
 from typing import Any, Callable
 
 import ml_collections
+
+from fmdistill.errors import ConfigError
 import numpy as np
 
 from fmdistill.data import images, toy
@@ -83,7 +85,7 @@ def _tfds_source(cfg: ml_collections.ConfigDict, seed: int) -> ArraySource:
   import tensorflow_datasets as tfds
   from fmdistill.data import tfds_builder  # noqa: F401  registers fmdistill_digits
   if not cfg.data_dir:
-    raise ValueError("data.data_dir is empty: TFDS datasets are read from a local data_dir "
+    raise ConfigError("data.data_dir is empty: TFDS datasets are read from a local data_dir "
                      "(nothing is downloaded at run time)")
   if not os.path.isdir(os.path.join(cfg.data_dir, cfg.tfds_name)):
     raise FileNotFoundError(f"TFDS dataset {cfg.tfds_name!r} not found under data.data_dir="
@@ -92,7 +94,7 @@ def _tfds_source(cfg: ml_collections.ConfigDict, seed: int) -> ArraySource:
     src = tfds.data_source(cfg.tfds_name, data_dir=cfg.data_dir, split=cfg.split,
                            download=False)
   except Exception as e:  # tfrecord-only datasets and other formats land here
-    raise RuntimeError(f"cannot open TFDS {cfg.tfds_name!r} split {cfg.split!r} as a random-"
+    raise ConfigError(f"cannot open TFDS {cfg.tfds_name!r} split {cfg.split!r} as a random-"
                        f"access data source ({e}); datasets stored as tfrecord need the 'tf' "
                        "extra: pip install 'fmdistill[tf]'") from None
   first = src[0]
@@ -117,7 +119,7 @@ def make_source(cfg: ml_collections.ConfigDict, seed: int) -> Any:
   """The data source named by ``cfg.name`` (one of ``DATASETS``)."""
   if cfg.name == "toy":
     if cfg.toy not in toy.TOYS:
-      raise ValueError(f"data.toy must be one of {sorted(toy.TOYS)}, got {cfg.toy!r}")
+      raise ConfigError(f"data.toy must be one of {sorted(toy.TOYS)}, got {cfg.toy!r}")
     return ToySource(toy.TOYS[cfg.toy], seed)
   if cfg.name in ("digits", "shapes"):
     x, y = images.digits() if cfg.name == "digits" else images.shapes(cfg.num_examples, seed=0)
@@ -126,4 +128,4 @@ def make_source(cfg: ml_collections.ConfigDict, seed: int) -> Any:
                        int(y.max()) + 1 if y is not None else 0)
   if cfg.name == "tfds":
     return _tfds_source(cfg, seed)
-  raise ValueError(f"data.name must be one of {list(DATASETS)}, got {cfg.name!r}")
+  raise ConfigError(f"data.name must be one of {list(DATASETS)}, got {cfg.name!r}")

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from fmdistill.errors import ConfigError
 from flax import nnx
 
 from fmdistill.models.dit import DiT
@@ -39,19 +41,19 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
   Returns the pure network and its float32 params (nested dict).
   """
   if cfg.name not in MODELS:
-    raise ValueError(f"model.name must be one of {list(MODELS)}, got {cfg.name!r}")
+    raise ConfigError(f"config.model.name must be one of {list(MODELS)}, got {cfg.name!r}")
   if cfg.dtype not in DTYPES:
-    raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    raise ConfigError(f"config.model.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
   rngs = nnx.Rngs(params=key)
   dtype = DTYPES[cfg.dtype]
   if cfg.name == "mlp":
     if len(data_shape) != 1:
-      raise ValueError(f"model 'mlp' takes vectors (d,), the data has shape {data_shape}; "
+      raise ConfigError(f"model 'mlp' takes vectors (d,), the data has shape {data_shape}; "
                        "use model.name='dit' for images")
     module = MLP(data_shape[0], cfg.width, cfg.depth, num_classes, dtype, rngs=rngs)
   else:
     if len(data_shape) != 3:
-      raise ValueError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
+      raise ConfigError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
     module = DiT(tuple(data_shape), cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
                  num_classes, dtype, cfg.attn_impl, rngs=rngs)
   graphdef, state = nnx.split(module)

@@ -14,6 +14,7 @@ from einops import rearrange
 from flax import nnx
 
 from fmdistill import pallas
+from fmdistill.errors import ConfigError
 from fmdistill.models.embeddings import LabelEmbed, TimeEmbed
 
 Array = jax.Array
@@ -68,9 +69,9 @@ class DiT(nnx.Module):
                dtype: jnp.dtype = jnp.float32, attn_impl: str = "auto", *, rngs: nnx.Rngs):
     h, w, ch = image_shape
     if h % patch or w % patch:
-      raise ValueError(f"image size {h}x{w} is not divisible by patch {patch}")
+      raise ConfigError(f"config.model.patch={patch} does not divide the image size {h}x{w}")
     if width % heads:
-      raise ValueError(f"width {width} is not divisible by heads {heads}")
+      raise ConfigError(f"config.model.heads={heads} does not divide model.width={width}")
     self.patch, self.grid, self.channels, self.depth, self.dtype = patch, (h // patch, w // patch), ch, depth, dtype
     kw = dict(dtype=dtype, param_dtype=jnp.float32)
     self.embed = nnx.Linear(patch * patch * ch, width, rngs=rngs, **kw)

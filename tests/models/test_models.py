@@ -60,7 +60,7 @@ def test_time_embedding_is_float32_and_resolves_small_time_steps():
 
 
 def test_bad_shapes_and_names():
-  with pytest.raises(ValueError, match="divisible by patch"):
+  with pytest.raises(ValueError, match="does not divide the image"):
     models.build(_cfg(name="dit", patch=3), (8, 8, 1), 0, jax.random.key(0))
   with pytest.raises(ValueError, match="takes vectors"):
     models.build(_cfg(name="mlp"), (8, 8, 1), 0, jax.random.key(0))

@@ -1,0 +1,99 @@
+"""Frozen teachers: loading a finished run, binding it for a student, and the cache of teacher
+ODE trajectories used by direct distillation and ReFlow."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+from fmdistill import checkpoint, data, flowmap, paths, sampling
+from fmdistill.data import pairs
+from fmdistill.errors import ConfigError
+
+
+class Teacher(struct.PyTreeNode):
+  """A frozen teacher: network, its parameterisation and path, and its weights."""
+  net: Any = struct.field(pytree_node=False)
+  param: flowmap.Parameterization = struct.field(pytree_node=False)
+  path: paths.Path = struct.field(pytree_node=False)
+  params: Any = None
+
+
+def load(config: ml_collections.ConfigDict) -> Teacher | None:
+  """The teacher named by ``config.teacher.workdir`` (``None`` if empty)."""
+  if not config.teacher.workdir:
+    return None
+  tconfig, net, params = checkpoint.load_params(config.teacher.workdir, config.teacher.which)
+  o = tconfig.objective
+  if tuple(tconfig.data_shape) != tuple(config.data_shape):
+    raise ConfigError(f"config.teacher.workdir={config.teacher.workdir!r} was trained on data "
+                      f"of shape {tuple(tconfig.data_shape)}, this run's data has shape "
+                      f"{tuple(config.data_shape)}")
+  return Teacher(net, flowmap.Parameterization(o.param, o.sigma_d),
+                 paths.get_path(o.path, o.sigma_d), params)
+
+
+def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
+  """``teacher(x, t, s, cond)``: the guided teacher velocity on the student's path."""
+  if teacher is None:
+    return None
+  o = config.objective
+  return flowmap.teacher_network(
+      teacher.net, params, teacher.param, teacher.path, paths.get_path(o.path, o.sigma_d),
+      guidance=config.teacher.guidance, null_label=o.num_classes or None)
+
+
+def pair_source(config, teacher: Teacher, workdir: str, progress: bool = True
+                ) -> data.ArraySource:
+  """Build (or resume) the teacher-trajectory cache and expose it as a data source.
+
+  Each example is a teacher ODE trajectory from noise at ``t = T`` sampled on the uniform grid
+  of ``objective.pair_steps`` steps, integrated with ``teacher.pair_solver`` at
+  ``teacher.pair_nfe`` evaluations in all. Batches: ``{'traj': (B, K + 1, ...), 'x': the
+  endpoint (B, ...), 'cond': labels}``.
+  """
+  o, tc = config.objective, config.teacher
+  shape, num_classes = tuple(config.data_shape), o.num_classes
+  path = paths.get_path(o.path, o.sigma_d)
+  k = o.pair_steps
+  grid = np.asarray(sampling.time_grid(k, path.T))
+  sub = sampling.solver_steps_for_nfe(tc.pair_nfe, tc.pair_solver)
+  if sub % k:
+    raise ConfigError(f"config.teacher.pair_nfe={tc.pair_nfe} with {tc.pair_solver} gives {sub} "
+                      f"steps, not a multiple of objective.pair_steps={k}")
+
+  @jax.jit
+  def trajectories(key, tparams):
+    kx, kc = jax.random.split(key)
+    x = path.sigma(jnp.float32(path.T)) * jax.random.normal(kx, (tc.pair_chunk,) + shape)
+    cond = jax.random.randint(kc, (tc.pair_chunk,), 0, num_classes) if num_classes else None
+    bound = bind(teacher, tparams, config)
+    v = lambda x_, t_: bound(x_, t_, t_, cond)
+    states = [x]
+    for a, b in zip(grid[:-1], grid[1:]):
+      x = sampling.solve_ode(v, x, jnp.linspace(a, b, sub // k + 1), tc.pair_solver)
+      states.append(x)
+    out = {"traj": jnp.stack(states, 1)}
+    if cond is not None:
+      out["cond"] = cond
+    return out
+
+  gen = lambda c, n: trajectories(jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), c),
+                                  teacher.params)
+  meta = dict(teacher=os.path.abspath(tc.workdir), which=tc.which, guidance=tc.guidance,
+              solver=tc.pair_solver, nfe=tc.pair_nfe, pair_steps=k, path=o.path,
+              seed=config.seed)
+  directory = tc.pair_cache or os.path.join(workdir, "pairs")
+  arrays = pairs.build_cache(directory, gen, tc.pair_num, tc.pair_chunk, meta, progress)
+
+  def get(idx):
+    out = {"traj": arrays["traj"][idx], "x": arrays["traj"][idx, -1]}
+    if "cond" in arrays:
+      out["cond"] = arrays["cond"][idx]
+    return out
+  return data.ArraySource(get, len(arrays["traj"]), config.seed, shape, num_classes)
