@@ -24,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "what to do")
 _NFE = flags.DEFINE_integer("nfe", 1, "network evaluations per sample, for --mode=sample")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_EVAL = flags.DEFINE_bool("eval", True, "after training, evaluate and write report.md")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "move a workdir that holds a different "
                                "experiment aside (to <workdir>.replaced-<time>) and start fresh")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -37,7 +38,7 @@ def stages(config) -> list[tuple[str, object]]:
 
 
 def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool = True,
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, evaluate: bool = True) -> dict:
   """Programmatic form of the command line; returns the evaluation result (or {})."""
   from fmdistill import objectives, train
   from fmdistill.eval import report
@@ -57,6 +58,8 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
     runs[name] = wd
   if mode == "sample":
     return _sample(runs, workdir, nfe)
+  if not evaluate:
+    return {}
   result = report.evaluate_runs(runs, workdir)
   title = f"fmdistill report: {workdir}"
   text = report.markdown(result, title, extra=config.get("description", ""))
@@ -71,8 +74,7 @@ def _sample(runs: dict, workdir: str, nfe: int) -> dict:
   from fmdistill import checkpoint
   from fmdistill.eval import evaluate, plots
   name, wd = list(runs.items())[-1]
-  config, net, params = checkpoint.load_params(wd, "ema_0.999" if "ema_0.999" in str(
-      checkpoint.read_config(wd).train.ema_decays) else "params")
+  config, net, params = checkpoint.load_params(wd, checkpoint.read_config(wd).eval.which)
   x = evaluate.generate(config, net, params, jax.random.PRNGKey(config.seed),
                         config.eval.num_samples, nfe)
   np.save(os.path.join(workdir, f"samples_{name}_nfe{nfe}.npy"), x)
@@ -88,14 +90,15 @@ def main(argv):
   from fmdistill.errors import Preempted
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value,
-        _OVERWRITE.value)
+        _OVERWRITE.value, _EVAL.value)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"done: see {os.path.join(_WORKDIR.value, 'report.md')}")
+  if _EVAL.value and _MODE.value != "sample":
+    print(f"done: see {os.path.join(_WORKDIR.value, 'report.md')}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -272,10 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   source, teacher, net, state = setup(config, workdir, overwrite=overwrite, progress=progress)
   t = config.train
   proc, nproc = jax.process_index(), jax.process_count()
+  mngr = checkpoint.manager(workdir, keep=t.keep, every=t.ckpt_every)
+  state, _ = checkpoint.restore_latest(mngr, state, workdir)  # may refuse: before any write
   if proc == 0:
     workdir_lib.record(workdir, config)
-  mngr = checkpoint.manager(workdir, keep=t.keep, every=t.ckpt_every)
-  state, _ = checkpoint.restore_latest(mngr, state, workdir)
   start = int(state.step)
   log_path = os.path.join(workdir, "metrics.jsonl")
   if proc == 0:
