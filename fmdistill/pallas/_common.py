@@ -153,3 +153,22 @@ def default_kvalid(k: jax.Array, key_mask: jax.Array | None) -> jax.Array:
   if key_mask.shape != (b, nk):
     raise ValueError(f"key_mask must have shape {(b, nk)}, got {key_mask.shape}")
   return key_mask.astype(jnp.int32)
+
+
+class Rows:
+  """Reads row blocks ``x[start:start + size]`` of a kernel input inside a ``fori_loop``.
+
+  Compiled kernels slice the ref in the loop (Triton cannot dynamically slice register
+  values). In interpret mode the whole input block is loaded once and the value is sliced:
+  the HLO interpreter turns refs read inside a loop into loop carries, which loses their
+  varying manual axes and trips ``shard_map``'s default ``check_vma``.
+  """
+
+  def __init__(self, ref, interpret: bool):
+    self.ref = ref
+    self.value = ref[...] if interpret else None
+
+  def __getitem__(self, ds: pl.Slice) -> jax.Array:
+    if self.value is None:
+      return self.ref[ds]
+    return lax.dynamic_slice_in_dim(self.value, ds.start, ds.size, axis=0)

@@ -26,17 +26,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, spec: Spec):
   bq, bk = spec.block_q, spec.block_k
   qb = pl.program_id(2)
   q = q_ref[...]
+  k_rows, v_rows, valid_rows = (cm.Rows(r, spec.interpret) for r in (k_ref, v_ref, valid_ref))
 
   def body(j, carry):
     acc, m, l = carry
     ks = pl.ds(j * bk, bk)
-    s = cm.masked_scores(q, k_ref[ks, :], valid_ref[ks], qb * bq, j * bk,
+    s = cm.masked_scores(q, k_rows[ks], valid_rows[ks], qb * bq, j * bk,
                          spec.scale, spec.causal)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == cm.NEG_INF, 0.0, m_new)  # all-masked so far: keep p = 0
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
-    v = v_ref[ks, :]
+    v = v_rows[ks]
     acc = alpha[:, None] * acc + cm.dot(p.astype(v.dtype), v)
     return acc, m_new, alpha * l + jnp.sum(p, axis=1)
 
@@ -85,15 +86,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref,
   bq, bk = spec.block_q, spec.block_k
   kb = pl.program_id(2)
   k, v, valid = k_ref[...], v_ref[...], valid_ref[...]
+  q_rows, do_rows, lse_rows, delta_rows = (
+      cm.Rows(r, spec.interpret) for r in (q_ref, do_ref, lse_ref, delta_ref))
 
   def body(i, carry):
     dk, dv = carry
     qs = pl.ds(i * bq, bq)
-    q, do = q_ref[qs, :], do_ref[qs, :]
+    q, do = q_rows[qs], do_rows[qs]
     s = cm.masked_scores(q, k, valid, i * bq, kb * bk, spec.scale, spec.causal)
-    p = jnp.exp(s - lse_ref[qs][:, None])
+    p = jnp.exp(s - lse_rows[qs][:, None])
     dv = dv + cm.dot_tn(p.astype(do.dtype), do)
-    ds = p * (cm.dot_t(do, v) - delta_ref[qs][:, None])
+    ds = p * (cm.dot_t(do, v) - delta_rows[qs][:, None])
     dk = dk + cm.dot_tn(ds.astype(q.dtype), q)
     return dk, dv
 
@@ -111,13 +114,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_re
   qb = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
+  k_rows, v_rows, valid_rows = (cm.Rows(r, spec.interpret) for r in (k_ref, v_ref, valid_ref))
 
   def body(j, dq):
     ks = pl.ds(j * bk, bk)
-    k = k_ref[ks, :]
-    s = cm.masked_scores(q, k, valid_ref[ks], qb * bq, j * bk, spec.scale, spec.causal)
+    k = k_rows[ks]
+    s = cm.masked_scores(q, k, valid_rows[ks], qb * bq, j * bk, spec.scale, spec.causal)
     p = jnp.exp(s - lse[:, None])
-    ds = p * (cm.dot_t(do, v_ref[ks, :]) - delta[:, None])
+    ds = p * (cm.dot_t(do, v_rows[ks]) - delta[:, None])
     return dq + cm.dot(ds.astype(k.dtype), k)
 
   nkb = cm.num_k_blocks(qb, bq, bk, k_ref.shape[0], spec.causal)

@@ -9,7 +9,8 @@ With ``S = q k^T * scale``, ``dS = (dq k^T + q dk^T) * scale`` and ``P = softmax
 query block:
 
 * ``_tangent``: given the forward's ``o`` and ``lse``, ``P = exp(S - lse)`` is exact per
-  block, so no running max is needed (5 block matmuls). This is what ``jax.jvp`` of the
+  block, so no running max is needed (5 block matmuls); ``-rowsum(P dS) o`` is subtracted
+  block by block. This is what ``jax.jvp`` of the
   public attention runs after the flash forward, and what its transpose pairs with.
 * ``_online`` (public ``attention_jvp``): o and do together from scratch with the online
   softmax trick (6 block matmuls, one kernel): running max ``m``, sum ``l``,
@@ -29,11 +30,15 @@ from fmdistill.pallas import _common as cm
 from fmdistill.pallas._common import Spec
 
 
-def _block_scores(q, dq, k_ref, dk_ref, valid_ref, ks, q_start, k_start, spec: Spec):
+def _key_rows(spec: Spec, *refs):
+  return tuple(cm.Rows(r, spec.interpret) for r in refs)
+
+
+def _block_scores(q, dq, k_rows, dk_rows, valid_rows, ks, q_start, k_start, spec: Spec):
   """Masked ``S`` and ``dS`` for one ``(bq, bk)`` block (float32)."""
-  k = k_ref[ks, :]
-  s = cm.masked_scores(q, k, valid_ref[ks], q_start, k_start, spec.scale, spec.causal)
-  ds = (cm.dot_t(dq, k) + cm.dot_t(q, dk_ref[ks, :])) * spec.scale
+  k = k_rows[ks]
+  s = cm.masked_scores(q, k, valid_rows[ks], q_start, k_start, spec.scale, spec.causal)
+  ds = (cm.dot_t(dq, k) + cm.dot_t(q, dk_rows[ks])) * spec.scale
   return s, ds
 
 
@@ -43,22 +48,24 @@ def _tangent_kernel(q_ref, dq_ref, o_ref, lse_ref, k_ref, dk_ref, v_ref, dv_ref,
   bq, bk = spec.block_q, spec.block_k
   qb = pl.program_id(2)
   q, dq, lse = q_ref[...], dq_ref[...], lse_ref[...]
+  kr, dkr, vr, dvr, validr = _key_rows(spec, k_ref, dk_ref, v_ref, dv_ref, valid_ref)
+  o = o_ref[...].astype(jnp.float32)
 
-  def body(j, carry):
-    acc, mu = carry
+  def body(j, acc):
     ks = pl.ds(j * bk, bk)
-    s, ds = _block_scores(q, dq, k_ref, dk_ref, valid_ref, ks, qb * bq, j * bk, spec)
+    s, ds = _block_scores(q, dq, kr, dkr, validr, ks, qb * bq, j * bk, spec)
     p = jnp.exp(s - lse[:, None])  # lse = +inf on empty rows -> p = 0
     pds = p * ds
-    v, dv = v_ref[ks, :], dv_ref[ks, :]
-    acc = acc + cm.dot(p.astype(dv.dtype), dv) + cm.dot(pds.astype(v.dtype), v)
-    return acc, mu + jnp.sum(pds, axis=1)
+    v, dv = vr[ks], dvr[ks]
+    # The -rowsum(P dS) o term is linear in the blocks, so it is subtracted per block (one
+    # (bq, D) FMA). Keeping every use of the loaded o inside the loop also keeps interpret
+    # mode under shard_map's check_vma happy (see ``_common.Rows``).
+    return (acc + cm.dot(p.astype(dv.dtype), dv) + cm.dot(pds.astype(v.dtype), v)
+            - jnp.sum(pds, axis=1)[:, None] * o)
 
-  init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32), jnp.zeros((bq,), jnp.float32))
   nkb = cm.num_k_blocks(qb, bq, bk, k_ref.shape[0], spec.causal)
-  acc, mu = lax.fori_loop(0, nkb, body, init)
-  o = o_ref[...].astype(jnp.float32)
-  do_ref[...] = (acc - mu[:, None] * o).astype(do_ref.dtype)
+  acc = lax.fori_loop(0, nkb, body, jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
+  do_ref[...] = acc.astype(do_ref.dtype)
 
 
 def _online_kernel(q_ref, dq_ref, k_ref, dk_ref, v_ref, dv_ref, valid_ref,
@@ -67,17 +74,18 @@ def _online_kernel(q_ref, dq_ref, k_ref, dk_ref, v_ref, dv_ref, valid_ref,
   bq, bk = spec.block_q, spec.block_k
   qb = pl.program_id(2)
   q, dq = q_ref[...], dq_ref[...]
+  kr, dkr, vr, dvr, validr = _key_rows(spec, k_ref, dk_ref, v_ref, dv_ref, valid_ref)
 
   def body(j, carry):
     acc_o, acc_t, mu, m, l = carry
     ks = pl.ds(j * bk, bk)
-    s, ds = _block_scores(q, dq, k_ref, dk_ref, valid_ref, ks, qb * bq, j * bk, spec)
+    s, ds = _block_scores(q, dq, kr, dkr, validr, ks, qb * bq, j * bk, spec)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == cm.NEG_INF, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
     pds = p * ds
-    v, dv = v_ref[ks, :], dv_ref[ks, :]
+    v, dv = vr[ks], dvr[ks]
     acc_o = alpha[:, None] * acc_o + cm.dot(p.astype(v.dtype), v)
     acc_t = (alpha[:, None] * acc_t + cm.dot(p.astype(dv.dtype), dv)
              + cm.dot(pds.astype(v.dtype), v))
