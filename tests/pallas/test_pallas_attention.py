@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 
 import pallas_test_util as tu
-from fmdistill.pallas import attention, attention_jvp, attention_reference
+from fmdistill.pallas import _common, attention, attention_jvp, attention_reference
+from fmdistill.pallas import flash_attention
 
 
 def _loss(attn):
@@ -105,6 +106,29 @@ class PallasAttentionTest(parameterized.TestCase):
     self.assertTrue(all(g.dtype == jnp.bfloat16 for g in grads))
     tu.assert_close(f32(grads), jax.grad(_loss(ref), argnums=(0, 1, 2))(*f32(args)),
                     tu.TOL[jnp.bfloat16])
+
+
+  def test_lse_output_and_gradient(self):
+    """The custom_vjp flash forward also returns lse ``(B, H, N)``; its cotangent is honoured."""
+    q, k, v = tu.qkv(5)
+    mask = tu.key_mask(6, tu.B, tu.N).at[-1, 0].set(True)  # keep lse finite in every row
+    spec = _common.make_spec(q, k, causal=True, scale=None, block_q=tu.BLOCK,
+                             block_k=tu.BLOCK, interpret=self.INTERPRET)
+    kvalid = _common.default_kvalid(k, mask)
+
+    def pal(q, k, v):
+      o, lse = flash_attention.flash_forward(q, k, v, kvalid, spec)
+      return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(lse))
+
+    def ref(q, k, v):
+      s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * spec.scale
+      causal = jnp.tril(jnp.ones((tu.N, tu.N), bool))
+      s = jnp.where(mask[:, None, None, :] & causal, s, -jnp.inf)
+      o = attention_reference(q, k, v, key_mask=mask, causal=True)
+      return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(jax.nn.logsumexp(s, axis=-1)))
+
+    tu.assert_close(jax.value_and_grad(pal, argnums=(0, 1, 2))(q, k, v),
+                    jax.value_and_grad(ref, argnums=(0, 1, 2))(q, k, v), tu.TOL[jnp.float32])
 
 
 class PallasAttentionInterpretTest(PallasAttentionTest):
