@@ -1,9 +1,10 @@
-"""Shared pieces of the flash-attention kernels: static spec, layout/padding, block math.
+"""Shared pieces of the flash-attention kernels: static spec, padding, block specs, block math.
 
-The kernels work in a padded head-major layout: q ``(B, H, Nq_pad, D_pad)``, k/v
-``(B, H, Nk_pad, D_pad)``, an int32 key-validity row ``(B, Nk_pad)`` (0 for masked and
-padded keys) and a float32 logsumexp ``(B, H, Nq_pad)``. The public wrappers take the model
-layout ``(B, N, H, D)`` and convert with ``to_kernel`` / ``from_kernel`` (O(N) copies).
+The kernels read and write the model layout ``(B, N, H, D)`` directly (block ``(bq, D)`` of
+one batch row and head, as in jax's GPU attention), so no transposed copies are made.
+Sequence lengths are zero-padded to a multiple of the block and the head dim to a power of
+two only when needed; padded keys are switched off by an int32 key-validity row
+``(B, Nk_pad)``. Row statistics (logsumexp, delta) are float32 ``(B, H, Nq_pad)``.
 """
 from __future__ import annotations
 
@@ -58,17 +59,44 @@ def padded_dim(d: int) -> int:
 
 
 def to_kernel(x: jax.Array, n_pad: int, d_pad: int) -> jax.Array:
-  """``(B, N, H, D)`` -> zero-padded ``(B, H, n_pad, d_pad)``."""
+  """``(B, N, H, D)`` -> zero-padded ``(B, n_pad, H, d_pad)`` (no copy when aligned)."""
   b, n, h, d = x.shape
-  x = jnp.transpose(x, (0, 2, 1, 3))
   if n_pad != n or d_pad != d:
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, d_pad - d)))
+    x = jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))
   return x
 
 
 def from_kernel(x: jax.Array, n: int, d: int) -> jax.Array:
-  """``(B, H, N_pad, D_pad)`` -> ``(B, n, H, d)``."""
-  return jnp.transpose(x[:, :, :n, :d], (0, 2, 1, 3))
+  """``(B, N_pad, H, D_pad)`` -> ``(B, n, H, d)``."""
+  return x if x.shape[1] == n and x.shape[3] == d else x[:, :n, :, :d]
+
+
+# BlockSpecs for a grid ``(B, H, blocks)``: ``t`` indexes blocks along the sequence.
+
+def seq_block(size: int, dp: int) -> pl.BlockSpec:
+  """``(size, dp)`` tile ``t`` of one (batch, head) of a ``(B, N, H, D)`` array."""
+  return pl.BlockSpec((None, size, None, dp), lambda b, h, t: (b, t, h, 0))
+
+
+def seq_full(n: int, dp: int) -> pl.BlockSpec:
+  """The whole sequence ``(n, dp)`` of one (batch, head) of a ``(B, N, H, D)`` array."""
+  return pl.BlockSpec((None, n, None, dp), lambda b, h, t: (b, 0, h, 0))
+
+
+def row_block(size: int) -> pl.BlockSpec:
+  return pl.BlockSpec((None, None, size), lambda b, h, t: (b, h, t))
+
+
+def row_full(n: int) -> pl.BlockSpec:
+  return pl.BlockSpec((None, None, n), lambda b, h, t: (b, h, 0))
+
+
+def valid_block(size: int) -> pl.BlockSpec:
+  return pl.BlockSpec((None, size), lambda b, h, t: (b, t))
+
+
+def valid_full(n: int) -> pl.BlockSpec:
+  return pl.BlockSpec((None, n), lambda b, h, t: (b, 0))
 
 
 def pad_rows(x: jax.Array, n_pad: int, value: float) -> jax.Array:

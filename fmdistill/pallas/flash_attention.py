@@ -1,7 +1,7 @@
 """Flash attention forward (online softmax, saves logsumexp) and backward (dQ; dK, dV) kernels.
 
-Layout at this module's boundary is the model's ``(B, N, H, D)``; kernels run on the padded
-head-major layout of ``_common``. One program handles one ``(batch, head, block)``; the key
+Kernels read the model layout ``(B, N, H, D)`` (zero-padded only when unaligned; see
+``_common``). One program handles one ``(batch, head, block)``; the key
 (or query) loop runs inside the kernel, so nothing of size ``N x N`` is ever written to HBM.
 Only generic Pallas ops are used (ref slicing, ``fori_loop``, ``dot_general``), so the same
 kernels target Triton (GPU), Mosaic (TPU) or ``interpret=True`` (CPU).
@@ -22,7 +22,7 @@ from fmdistill.pallas._common import Spec
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, spec: Spec):
-  """Grid ``(B, H, Nq_pad // bq)``; q/o blocks ``(bq, D)``, k/v whole ``(Nk_pad, D)``."""
+  """Grid ``(B, H, Nq_pad // bq)``; q/o tiles ``(bq, D)``, k/v whole ``(Nk_pad, D)``."""
   bq, bk = spec.block_q, spec.block_k
   qb = pl.program_id(2)
   q = q_ref[...]
@@ -61,14 +61,12 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array,
   nq_p, nk_p = cm.round_up(nq, bq), cm.round_up(nk, bk)
   qp, kp, vp = cm.to_kernel(q, nq_p, dp), cm.to_kernel(k, nk_p, dp), cm.to_kernel(v, nk_p, dp)
   valid = cm.key_valid(kvalid, nk_p)
-  q_spec = pl.BlockSpec((None, None, bq, dp), lambda i, j, t: (i, j, t, 0))
-  kv_spec = pl.BlockSpec((None, None, nk_p, dp), lambda i, j, t: (i, j, 0, 0))
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec),
       grid=(b, h, nq_p // bq),
-      in_specs=[q_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, nk_p), lambda i, j, t: (i, 0))],
-      out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, j, t: (i, j, t))],
+      in_specs=[cm.seq_block(bq, dp), cm.seq_full(nk_p, dp), cm.seq_full(nk_p, dp),
+                cm.valid_full(nk_p)],
+      out_specs=[cm.seq_block(bq, dp), cm.row_block(bq)],
       out_shape=[cm.out_struct(qp.shape, q.dtype, qp),
                  cm.out_struct((b, h, nq_p), jnp.float32, qp)],
       interpret=spec.interpret,
@@ -150,19 +148,14 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
   lse_p, delta_p = cm.pad_rows(lse, nq_p, cm.POS_INF), cm.pad_rows(delta, nq_p, 0.0)
   args = (qp, kp, vp, valid, dop, lse_p, delta_p)
 
-  full_q = pl.BlockSpec((None, None, nq_p, dp), lambda i, j, t: (i, j, 0, 0))
-  full_k = pl.BlockSpec((None, None, nk_p, dp), lambda i, j, t: (i, j, 0, 0))
-  blk_q = pl.BlockSpec((None, None, bq, dp), lambda i, j, t: (i, j, t, 0))
-  blk_k = pl.BlockSpec((None, None, bk, dp), lambda i, j, t: (i, j, t, 0))
-  full_row = pl.BlockSpec((None, None, nq_p), lambda i, j, t: (i, j, 0))
-  blk_row = pl.BlockSpec((None, None, bq), lambda i, j, t: (i, j, t))
-  full_valid = pl.BlockSpec((None, nk_p), lambda i, j, t: (i, 0))
-  blk_valid = pl.BlockSpec((None, bk), lambda i, j, t: (i, t))
+  full_q, full_k = cm.seq_full(nq_p, dp), cm.seq_full(nk_p, dp)
+  blk_q, blk_k = cm.seq_block(bq, dp), cm.seq_block(bk, dp)
+  full_row, blk_row = cm.row_full(nq_p), cm.row_block(bq)
 
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, spec=spec),
       grid=(b, h, nk_p // bk),
-      in_specs=[full_q, blk_k, blk_k, blk_valid, full_q, full_row, full_row],
+      in_specs=[full_q, blk_k, blk_k, cm.valid_block(bk), full_q, full_row, full_row],
       out_specs=[blk_k, blk_k],
       out_shape=[cm.out_struct(kp.shape, k.dtype, qp), cm.out_struct(vp.shape, v.dtype, qp)],
       interpret=spec.interpret,
@@ -171,7 +164,7 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec),
       grid=(b, h, nq_p // bq),
-      in_specs=[blk_q, full_k, full_k, full_valid, blk_q, blk_row, blk_row],
+      in_specs=[blk_q, full_k, full_k, cm.valid_full(nk_p), blk_q, blk_row, blk_row],
       out_specs=blk_q,
       out_shape=cm.out_struct(qp.shape, q.dtype, qp),
       interpret=spec.interpret,

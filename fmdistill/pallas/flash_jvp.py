@@ -44,7 +44,7 @@ def _block_scores(q, dq, k_rows, dk_rows, valid_rows, ks, q_start, k_start, spec
 
 def _tangent_kernel(q_ref, dq_ref, o_ref, lse_ref, k_ref, dk_ref, v_ref, dv_ref, valid_ref,
                     do_ref, *, spec: Spec):
-  """Grid ``(B, H, Nq_pad // bq)``; q/dq/o/do blocks ``(bq, D)``, keys whole ``(Nk_pad, D)``."""
+  """Grid ``(B, H, Nq_pad // bq)``; q/dq/o/do tiles ``(bq, D)``, keys whole ``(Nk_pad, D)``."""
   bq, bk = spec.block_q, spec.block_k
   qb = pl.program_id(2)
   q, dq, lse = q_ref[...], dq_ref[...], lse_ref[...]
@@ -107,11 +107,7 @@ def _online_kernel(q_ref, dq_ref, k_ref, dk_ref, v_ref, dv_ref, valid_ref,
 
 
 def _specs(bq: int, nk_p: int, dp: int):
-  blk_q = pl.BlockSpec((None, None, bq, dp), lambda i, j, t: (i, j, t, 0))
-  full_k = pl.BlockSpec((None, None, nk_p, dp), lambda i, j, t: (i, j, 0, 0))
-  blk_row = pl.BlockSpec((None, None, bq), lambda i, j, t: (i, j, t))
-  valid = pl.BlockSpec((None, nk_p), lambda i, j, t: (i, 0))
-  return blk_q, full_k, blk_row, valid
+  return cm.seq_block(bq, dp), cm.seq_full(nk_p, dp), cm.row_block(bq), cm.valid_full(nk_p)
 
 
 def _tangent(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: jax.Array,
