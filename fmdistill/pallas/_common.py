@@ -28,6 +28,7 @@ class Spec:
   block_q: int
   block_k: int
   interpret: bool
+  platform: str  # jax.default_backend() when the call was traced: 'gpu', 'tpu' or 'cpu'
 
 
 def make_spec(q: jax.Array, k: jax.Array, *, causal: bool, scale: float | None,
@@ -42,7 +43,8 @@ def make_spec(q: jax.Array, k: jax.Array, *, causal: bool, scale: float | None,
       raise ValueError(f"{name} must be a power of two, got {b}")
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   return Spec(scale=scale, causal=bool(causal), block_q=_clamp(block_q, q.shape[1]),
-              block_k=_clamp(block_k, k.shape[1]), interpret=bool(interpret))
+              block_k=_clamp(block_k, k.shape[1]), interpret=bool(interpret),
+              platform=jax.default_backend())
 
 
 def _clamp(block: int, n: int) -> int:
@@ -111,6 +113,15 @@ def key_valid(kvalid: jax.Array, nk_pad: int) -> jax.Array:
   nk = kvalid.shape[-1]
   kvalid = kvalid.astype(jnp.int32)
   return kvalid if nk == nk_pad else jnp.pad(kvalid, ((0, 0), (0, nk_pad - nk)))
+
+
+def compiler_params(spec: Spec):
+  """Triton parameters on GPU (jax otherwise defaults Pallas GPU kernels to Mosaic GPU, which
+  these generic kernels do not target); ``None`` on TPU (Mosaic) and in interpret mode."""
+  if spec.interpret or spec.platform != "gpu":
+    return None
+  from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+  return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:

@@ -70,6 +70,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array,
       out_shape=[cm.out_struct(qp.shape, q.dtype, qp),
                  cm.out_struct((b, h, nq_p), jnp.float32, qp)],
       interpret=spec.interpret,
+      compiler_params=cm.compiler_params(spec),
       name="fmdistill_flash_fwd",
   )(qp, kp, vp, valid)
   return cm.from_kernel(o, nq, d), lse[:, :, :nq]
@@ -159,6 +160,7 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
       out_specs=[blk_k, blk_k],
       out_shape=[cm.out_struct(kp.shape, k.dtype, qp), cm.out_struct(vp.shape, v.dtype, qp)],
       interpret=spec.interpret,
+      compiler_params=cm.compiler_params(spec),
       name="fmdistill_flash_bwd_dkdv",
   )(*args)
   dq = pl.pallas_call(
@@ -168,6 +170,7 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
       out_specs=blk_q,
       out_shape=cm.out_struct(qp.shape, q.dtype, qp),
       interpret=spec.interpret,
+      compiler_params=cm.compiler_params(spec),
       name="fmdistill_flash_bwd_dq",
   )(*args)
   return cm.from_kernel(dq, nq, d), cm.from_kernel(dk, nk, d), cm.from_kernel(dv, nk, d)

@@ -133,6 +133,7 @@ def _tangent(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: jax
       out_specs=blk_q,
       out_shape=cm.out_struct(qs[0].shape, q.dtype, qs[0]),
       interpret=spec.interpret,
+      compiler_params=cm.compiler_params(spec),
       name="fmdistill_flash_tangent",
   )(*qs, lse_p, *ks, cm.key_valid(kvalid, nk_p))
   return cm.from_kernel(do, nq, d)
@@ -159,6 +160,7 @@ def _online(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, dq: jax
                  cm.out_struct(like.shape, q.dtype, like),
                  cm.out_struct((b, h, nq_p), jnp.float32, like)],
       interpret=spec.interpret,
+      compiler_params=cm.compiler_params(spec),
       name="fmdistill_flash_jvp_online",
   )(*qs, *ks, cm.key_valid(kvalid, nk_p))
   return cm.from_kernel(o, nq, d), cm.from_kernel(do, nq, d), lse[:, :, :nq]
