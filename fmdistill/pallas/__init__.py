@@ -33,13 +33,15 @@ def resolve_impl(impl: str) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
               causal: bool = False, scale: float | None = None, impl: str = "auto",
-              block_q: int = 64, block_k: int = 64, interpret: bool | None = None) -> jax.Array:
+              block_q: int | None = None, block_k: int | None = None,
+              interpret: bool | None = None) -> jax.Array:
   """Softmax attention: q ``(B, Nq, H, D)``, k/v ``(B, Nk, H, D)`` -> ``(B, Nq, H, D)``.
 
   key_mask: optional ``(B, Nk)`` bool, True where a key may be attended to; causal masks
   keys after the query (Nq == Nk); scale defaults to ``D ** -0.5``. Rows with every key
-  masked give zeros. ``block_q``/``block_k`` (powers of two) and ``interpret`` (default:
-  True exactly when the backend is CPU) only affect ``impl='pallas'``.
+  masked give zeros. ``block_q``/``block_k`` (powers of two; default 128 on TPU, else 64)
+  and ``interpret`` (default: True exactly when the backend is CPU) only affect
+  ``impl='pallas'``.
   """
   impl = resolve_impl(impl)
   if impl == "xla":

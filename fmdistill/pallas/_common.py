@@ -1,15 +1,19 @@
-"""Shared pieces of the flash-attention kernels: static spec, padding, block specs, block math.
+"""Shared pieces of the flash-attention kernels: static spec, geometry (layout, padding,
+block specs) and in-kernel block math.
 
-The kernels read and write the model layout ``(B, N, H, D)`` directly (block ``(bq, D)`` of
-one batch row and head, as in jax's GPU attention), so no transposed copies are made.
-Sequence lengths are zero-padded to a multiple of the block and the head dim to a power of
-two only when needed; padded keys are switched off by an int32 key-validity row
-``(B, Nk_pad)``. Row statistics (logsumexp, delta) are float32 ``(B, H, Nq_pad)``.
+Kernel layout. On GPU (Triton) and in interpret mode the kernels read and write the model
+layout ``(B, N, H, D)`` in place (tile ``(bq, D)`` of one batch row and head, as in jax's
+GPU attention), so no transposed copies are made. Mosaic (TPU) needs the last two block
+dims to be (8k, 128k) or full, which a squeezed head axis is not, so on TPU the wrapper
+transposes to head-major ``(B, H, N, D)`` (O(N) copies). Sequences are zero-padded to a
+multiple of the block and the head dim to a power of two only when needed. Row statistics
+(logsumexp, delta) are float32 ``(B, H, N_pad, 1)`` and the key validity is int32
+``(B, 1, Nk_pad)`` (0 = masked or padded key): 2-D tiles ``(bq, 1)`` / ``(1, bk)`` suit
+both Triton and Mosaic.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +33,20 @@ class Spec:
   block_k: int
   interpret: bool
   platform: str  # jax.default_backend() when the call was traced: 'gpu', 'tpu' or 'cpu'
+  head_major: bool  # kernel layout (B, H, N, D) instead of the model's (B, N, H, D)
 
 
 def make_spec(q: jax.Array, k: jax.Array, *, causal: bool, scale: float | None,
-              block_q: int, block_k: int, interpret: bool) -> Spec:
-  """Validates shapes and clamps block sizes to the (rounded-up) sequence lengths."""
+              block_q: int | None, block_k: int | None, interpret: bool,
+              head_major: bool | None = None) -> Spec:
+  """Validates shapes and clamps block sizes to the (rounded-up) sequence lengths.
+
+  ``None`` picks per platform: blocks of 128 (lane width) and the head-major layout on TPU,
+  blocks of 64 and the model layout elsewhere.
+  """
+  platform = jax.default_backend()
+  block_q = (128 if platform == "tpu" else 64) if block_q is None else block_q
+  block_k = (128 if platform == "tpu" else 64) if block_k is None else block_k
   if q.ndim != 4 or k.ndim != 4:
     raise ValueError(f"expected (B, N, H, D) inputs, got q {q.shape}, k {k.shape}")
   if causal and q.shape[1] != k.shape[1]:
@@ -42,9 +55,10 @@ def make_spec(q: jax.Array, k: jax.Array, *, causal: bool, scale: float | None,
     if b < 1 or b & (b - 1):
       raise ValueError(f"{name} must be a power of two, got {b}")
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  head_major = platform == "tpu" if head_major is None else bool(head_major)
   return Spec(scale=scale, causal=bool(causal), block_q=_clamp(block_q, q.shape[1]),
               block_k=_clamp(block_k, k.shape[1]), interpret=bool(interpret),
-              platform=jax.default_backend())
+              platform=platform, head_major=head_major)
 
 
 def _clamp(block: int, n: int) -> int:
@@ -55,66 +69,6 @@ def round_up(n: int, b: int) -> int:
   return -(-n // b) * b
 
 
-def padded_dim(d: int) -> int:
-  """Head dim padded to a power of two (Triton block shapes must be powers of two)."""
-  return max(16, pl.next_power_of_2(d))
-
-
-def to_kernel(x: jax.Array, n_pad: int, d_pad: int) -> jax.Array:
-  """``(B, N, H, D)`` -> zero-padded ``(B, n_pad, H, d_pad)`` (no copy when aligned)."""
-  b, n, h, d = x.shape
-  if n_pad != n or d_pad != d:
-    x = jnp.pad(x, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))
-  return x
-
-
-def from_kernel(x: jax.Array, n: int, d: int) -> jax.Array:
-  """``(B, N_pad, H, D_pad)`` -> ``(B, n, H, d)``."""
-  return x if x.shape[1] == n and x.shape[3] == d else x[:, :n, :, :d]
-
-
-# BlockSpecs for a grid ``(B, H, blocks)``: ``t`` indexes blocks along the sequence.
-
-def seq_block(size: int, dp: int) -> pl.BlockSpec:
-  """``(size, dp)`` tile ``t`` of one (batch, head) of a ``(B, N, H, D)`` array."""
-  return pl.BlockSpec((None, size, None, dp), lambda b, h, t: (b, t, h, 0))
-
-
-def seq_full(n: int, dp: int) -> pl.BlockSpec:
-  """The whole sequence ``(n, dp)`` of one (batch, head) of a ``(B, N, H, D)`` array."""
-  return pl.BlockSpec((None, n, None, dp), lambda b, h, t: (b, 0, h, 0))
-
-
-def row_block(size: int) -> pl.BlockSpec:
-  return pl.BlockSpec((None, None, size), lambda b, h, t: (b, h, t))
-
-
-def row_full(n: int) -> pl.BlockSpec:
-  return pl.BlockSpec((None, None, n), lambda b, h, t: (b, h, 0))
-
-
-def valid_block(size: int) -> pl.BlockSpec:
-  return pl.BlockSpec((None, size), lambda b, h, t: (b, t))
-
-
-def valid_full(n: int) -> pl.BlockSpec:
-  return pl.BlockSpec((None, n), lambda b, h, t: (b, 0))
-
-
-def pad_rows(x: jax.Array, n_pad: int, value: float) -> jax.Array:
-  """Pads the last axis of a ``(B, H, N)`` row statistic to ``n_pad``."""
-  n = x.shape[-1]
-  return x if n == n_pad else jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n)),
-                                      constant_values=value)
-
-
-def key_valid(kvalid: jax.Array, nk_pad: int) -> jax.Array:
-  """``(B, Nk)`` int32 validity -> ``(B, Nk_pad)``; padded keys are invalid."""
-  nk = kvalid.shape[-1]
-  kvalid = kvalid.astype(jnp.int32)
-  return kvalid if nk == nk_pad else jnp.pad(kvalid, ((0, 0), (0, nk_pad - nk)))
-
-
 def compiler_params(spec: Spec):
   """Triton parameters on GPU (jax otherwise defaults Pallas GPU kernels to Mosaic GPU, which
   these generic kernels do not target); ``None`` on TPU (Mosaic) and in interpret mode."""
@@ -122,6 +76,108 @@ def compiler_params(spec: Spec):
     return None
   from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
   return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Shapes of one call and conversions between model and kernel layouts."""
+  b: int
+  h: int
+  nq: int
+  nk: int
+  d: int
+  bq: int
+  bk: int
+  head_major: bool
+
+  @staticmethod
+  def of(q: jax.Array, k: jax.Array, spec: Spec) -> "Geometry":
+    b, nq, h, d = q.shape
+    return Geometry(b, h, nq, k.shape[1], d, spec.block_q, spec.block_k, spec.head_major)
+
+  nq_p = property(lambda self: round_up(self.nq, self.bq))
+  nk_p = property(lambda self: round_up(self.nk, self.bk))
+  # Head dim padded to a power of two (Triton block shapes must be powers of two).
+  dp = property(lambda self: max(16, pl.next_power_of_2(self.d)))
+  grid_q = property(lambda self: (self.b, self.h, self.nq_p // self.bq))
+  grid_k = property(lambda self: (self.b, self.h, self.nk_p // self.bk))
+
+  def to_kernel(self, x: jax.Array, n_pad: int) -> jax.Array:
+    """``(B, N, H, D)`` -> kernel layout, zero-padded to ``n_pad`` tokens and ``dp``."""
+    n, d = x.shape[1], x.shape[3]
+    if self.head_major:
+      x = jnp.transpose(x, (0, 2, 1, 3))
+      pads = ((0, 0), (0, 0), (0, n_pad - n), (0, self.dp - d))
+    else:
+      pads = ((0, 0), (0, n_pad - n), (0, 0), (0, self.dp - d))
+    return x if n_pad == n and self.dp == d else jnp.pad(x, pads)
+
+  def q_in(self, x: jax.Array) -> jax.Array:
+    return self.to_kernel(x, self.nq_p)
+
+  def k_in(self, x: jax.Array) -> jax.Array:
+    return self.to_kernel(x, self.nk_p)
+
+  def from_kernel(self, x: jax.Array, n: int) -> jax.Array:
+    """Kernel layout -> ``(B, n, H, d)``."""
+    if self.head_major:
+      return jnp.transpose(x[:, :, :n, :self.d], (0, 2, 1, 3))
+    return x if x.shape[1] == n and x.shape[3] == self.d else x[:, :n, :, :self.d]
+
+  def q_out(self, x: jax.Array) -> jax.Array:
+    return self.from_kernel(x, self.nq)
+
+  def k_out(self, x: jax.Array) -> jax.Array:
+    return self.from_kernel(x, self.nk)
+
+  def rows_in(self, x: jax.Array, value: float) -> jax.Array:
+    """Row statistic ``(B, H, Nq)`` -> ``(B, H, Nq_pad, 1)`` padded with ``value``."""
+    x = x[..., None]
+    n = x.shape[2]
+    return x if n == self.nq_p else jnp.pad(x, ((0, 0), (0, 0), (0, self.nq_p - n), (0, 0)),
+                                            constant_values=value)
+
+  def rows_out(self, x: jax.Array) -> jax.Array:
+    return x[:, :, :self.nq, 0]
+
+  def valid_in(self, kvalid: jax.Array) -> jax.Array:
+    """``(B, Nk)`` validity -> int32 ``(B, 1, Nk_pad)``; padded keys are invalid."""
+    kvalid = kvalid.astype(jnp.int32)[:, None, :]
+    return kvalid if self.nk == self.nk_p else jnp.pad(
+        kvalid, ((0, 0), (0, 0), (0, self.nk_p - self.nk)))
+
+  # BlockSpecs for a grid ``(B, H, blocks)``; ``t`` indexes blocks along the sequence.
+
+  def seq_block(self, size: int) -> pl.BlockSpec:
+    """Tile ``t`` ``(size, dp)`` of one (batch, head) of a q/k/v-like array."""
+    if self.head_major:
+      return pl.BlockSpec((None, None, size, self.dp), lambda b, h, t: (b, h, t, 0))
+    return pl.BlockSpec((None, size, None, self.dp), lambda b, h, t: (b, t, h, 0))
+
+  def seq_full(self, n: int) -> pl.BlockSpec:
+    """The whole sequence ``(n, dp)`` of one (batch, head)."""
+    if self.head_major:
+      return pl.BlockSpec((None, None, n, self.dp), lambda b, h, t: (b, h, 0, 0))
+    return pl.BlockSpec((None, n, None, self.dp), lambda b, h, t: (b, 0, h, 0))
+
+  def out_shape(self, n: int):
+    return (self.b, self.h, n, self.dp) if self.head_major else (self.b, n, self.h, self.dp)
+
+  @staticmethod
+  def row_block(size: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, None, size, 1), lambda b, h, t: (b, h, t, 0))
+
+  @staticmethod
+  def row_full(n: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, None, n, 1), lambda b, h, t: (b, h, 0, 0))
+
+  @staticmethod
+  def valid_block(size: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, 1, size), lambda b, h, t: (b, 0, t))
+
+  @staticmethod
+  def valid_full(n: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, 1, n), lambda b, h, t: (b, 0, 0))
 
 
 def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
@@ -149,8 +205,8 @@ def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def block_mask(valid: jax.Array, q_start, k_start, bq: int, bk: int,
                causal: bool) -> jax.Array:
-  """``(bq, bk)`` bool: key valid (``valid`` is the ``(bk,)`` int row) and causal."""
-  mask = jnp.broadcast_to((valid != 0)[None, :], (bq, bk))
+  """``(bq, bk)`` bool: key valid (``valid`` is the ``(1, bk)`` int row) and causal."""
+  mask = jnp.broadcast_to(valid != 0, (bq, bk))
   if causal:
     rows = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     cols = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -179,8 +235,6 @@ def first_q_block(k_block, bq: int, bk: int, causal: bool):
   return lax.div(k_block * bk, bq) if causal else 0
 
 
-def cdiv(a: int, b: int) -> int:
-  return math.ceil(a / b)
 
 
 def default_kvalid(k: jax.Array, key_mask: jax.Array | None) -> jax.Array:
@@ -195,7 +249,7 @@ def default_kvalid(k: jax.Array, key_mask: jax.Array | None) -> jax.Array:
 
 
 class Rows:
-  """Reads row blocks ``x[start:start + size]`` of a kernel input inside a ``fori_loop``.
+  """Reads blocks ``x[start:start + size]`` along ``axis`` of a kernel input in a loop.
 
   Compiled kernels slice the ref in the loop (Triton cannot dynamically slice register
   values). In interpret mode the whole input block is loaded once and the value is sliced:
@@ -203,11 +257,16 @@ class Rows:
   varying manual axes and trips ``shard_map``'s default ``check_vma``.
   """
 
-  def __init__(self, ref, interpret: bool):
-    self.ref = ref
+  def __init__(self, ref, interpret: bool, axis: int = 0):
+    self.ref, self.axis = ref, axis
     self.value = ref[...] if interpret else None
 
   def __getitem__(self, ds: pl.Slice) -> jax.Array:
     if self.value is None:
-      return self.ref[ds]
-    return lax.dynamic_slice_in_dim(self.value, ds.start, ds.size, axis=0)
+      return self.ref[ds] if self.axis == 0 else self.ref[:, ds]
+    return lax.dynamic_slice_in_dim(self.value, ds.start, ds.size, axis=self.axis)
+
+
+def valid_rows(ref, interpret: bool) -> Rows:
+  """Column blocks ``(1, bk)`` of the ``(1, Nk_pad)`` key-validity row."""
+  return Rows(ref, interpret, axis=1)

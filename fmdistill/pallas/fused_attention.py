@@ -185,13 +185,14 @@ def _fused_attention_jvp(spec: Spec, primals, tangents):
 
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      key_mask: jax.Array | None = None, causal: bool = False,
-                     scale: float | None = None, block_q: int = 64, block_k: int = 64,
-                     interpret: bool = False) -> jax.Array:
+                     scale: float | None = None, block_q: int | None = None,
+                     block_k: int | None = None, interpret: bool = False,
+                     head_major: bool | None = None) -> jax.Array:
   """Pallas flash attention with grad, jvp and grad-of-jvp (tangent under stop_gradient).
 
   q ``(B, Nq, H, D)``, k/v ``(B, Nk, H, D)``, key_mask ``(B, Nk)`` bool (True = attend)
   -> ``(B, Nq, H, D)`` in q's dtype.
   """
   spec = cm.make_spec(q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-                      interpret=interpret)
+                      interpret=interpret, head_major=head_major)
   return fused_attention(q, k, v, cm.default_kvalid(k, key_mask), spec)
