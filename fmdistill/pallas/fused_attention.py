@@ -21,23 +21,34 @@ rule breaks ``jax.grad`` (linearize cannot separate its primal output from its t
 inputs); a custom_jvp around a custom_vjp ignores the inner VJP; a custom_vjp around a
 custom_jvp breaks ``jax.jvp``; ``pallas_call`` has no transpose rule.
 
+Works with: ``jax.grad``/``vjp``, ``jax.jvp``/``linearize``, grad through the primal of a
+jvp with the tangent under ``stop_gradient`` (MeanFlow, sCM), ``jit``, ``vmap`` (the tangent
+primitive folds vmapped axes into the batch axis; pallas_call batches the rest),
+``jax.checkpoint``, ``lax.scan``, ``shard_map`` with the default ``check_vma`` (kernel
+outputs carry the inputs' manual axes), float32 and bfloat16 (float32 accumulation).
+
 Cost and limits
 ---------------
 * ``jax.jvp(attention)`` runs two kernels (flash forward, then the tangent kernel): 7 block
-  matmuls and two reads of K/V instead of the 6 matmuls / one read of the one-pass online
-  kernel (``flash_jvp.attention_jvp``, which is exposed for forward-only use but is not
-  differentiable). Fusing both into one kernel needs custom partial-eval rules on JAX
-  internals; not done.
-* The derivative of the tangent ``do`` with respect to ``(q, k, v)`` (a second-order term:
-  grad through ``do``, or jvp-of-jvp) is not implemented. It is emitted as a placeholder
-  primitive that raises ``NotImplementedError`` only if it is actually needed; MeanFlow and
-  sCM put the tangent under ``stop_gradient``, so it is dropped (a zero cotangent) and never
-  evaluated. Gradients through ``do`` with respect to the *tangent inputs* are fine (linear).
-* The logsumexp/delta row statistics ``(B, H, N)`` and the layout/padding copies are O(N) XLA
-  ops outside the kernels.
-* vmap: the tangent primitive folds vmapped axes into the batch axis; pallas_call batches the
-  rest. shard_map: kernel outputs carry the inputs' manual axes, so the default ``check_vma``
-  works.
+  matmuls and two reads of K/V, against 6 matmuls and one read for the one-pass online
+  kernel ``flash_jvp.attention_jvp`` (exposed for forward-only use; not differentiable).
+  Fusing the two under ``jax.grad`` needs custom partial-eval rules on JAX internals; not
+  done, and not measurable here (no GPU in this task).
+* Second-order terms are not implemented. The derivative of the tangent ``do`` with respect
+  to ``(q, k, v)`` is emitted as a placeholder primitive that raises ``NotImplementedError``
+  only if actually needed (grad through ``do`` w.r.t. q/k/v); with the tangent under
+  ``stop_gradient`` its cotangent is zero and it is never evaluated. Gradients through
+  ``do`` w.r.t. the *tangent inputs* work (linear). jvp-of-jvp and forward-over-reverse
+  (Hessian-vector products) fail with JAX's "can't apply forward-mode autodiff (jvp) to a
+  custom_vjp function"; grad-of-grad with "Linearization failed to produce known values".
+  Use ``impl='xla'`` for those.
+* Outside the kernels (plain XLA, O(N)): ``delta = rowsum(o * do)``, zero-padding of
+  unaligned sequence lengths / head dims, the int32 key-validity row, and on TPU the
+  head-major transposes.
+* Portability: only generic Pallas ops. On GPU the kernels request the Triton backend
+  explicitly (jax 0.10 defaults Pallas GPU to Mosaic GPU). Lowering to Triton (CUDA) and to
+  Mosaic (TPU, head-major layout, 128 blocks) is checked on CPU with ``jax.export``; neither
+  was compiled or run on hardware in this task. ``interpret=True`` (CPU) is tested.
 """
 from __future__ import annotations
 

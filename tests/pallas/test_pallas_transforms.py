@@ -110,6 +110,15 @@ class PallasTransformsTest(parameterized.TestCase):
     with self.assertRaisesRegex(NotImplementedError, "stop_gradient"):
       jax.grad(tangent_loss("pallas"))(q, dv)
 
+  def test_higher_order_is_an_error(self):
+    """jvp-of-jvp and grad-of-grad are documented as unsupported: they must not run."""
+    q, k, v = tu.qkv(11)
+    attn = lambda q: self.attn("pallas")(q, k, v)
+    with self.assertRaises((TypeError, ValueError, NotImplementedError)):
+      jax.jvp(lambda q: jax.jvp(attn, (q,), (k,))[1], (q,), (v,))
+    with self.assertRaises((TypeError, ValueError, NotImplementedError)):
+      jax.grad(lambda q: jnp.sum(jax.grad(lambda q: jnp.sum(attn(q) ** 2))(q) ** 2))(q)
+
   def test_impl_dispatch(self):
     q, k, v = tu.qkv(10)
     jaxpr = lambda impl: str(jax.make_jaxpr(functools.partial(attention, impl=impl))(q, k, v))
