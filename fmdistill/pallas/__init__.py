@@ -3,10 +3,10 @@
 ``impl`` selects the implementation:
 
 * ``'xla'``: the plain XLA reference (``attention_reference``); materialises ``N x N`` scores.
-* ``'pallas'``: the Pallas flash kernels with a fused JVP rule (``fused_attention``):
-  ``jax.grad`` runs the flash backward, ``jax.jvp`` the flash tangent kernel, and the
-  MeanFlow/sCM pattern (grad through ``o`` of ``o, do = jax.jvp(...)`` with ``do`` under
-  ``stop_gradient``) works, all in O(N) memory. On CPU there is no Pallas backend, so
+* ``'pallas'``: the Pallas flash kernels with a custom JVP rule (design and limits in
+  ``fused_attention``): ``jax.grad`` runs the flash backward kernels, ``jax.jvp`` the flash
+  forward and flash tangent kernels, and the MeanFlow/sCM pattern (grad through ``o`` of
+  ``o, do = jax.jvp(...)`` with ``do`` under ``stop_gradient``) works, all in O(N) memory. On CPU there is no Pallas backend, so
   ``impl='pallas'`` runs the kernels with ``interpret=True`` (slow; for tests). It never
   falls back to XLA.
 * ``'auto'``: ``'pallas'`` when the default backend is GPU or TPU, ``'xla'`` on CPU.

@@ -70,8 +70,8 @@ _SECOND_ORDER_ARGS = (0, 1, 2, 4, 5)  # differentiable non-linear operands
 
 SECOND_ORDER_MSG = (
     "fmdistill.pallas.attention(impl='pallas'): the derivative of the attention *tangent* "
-    "(jax.jvp output) with respect to q, k or v is not implemented (it is a second-order "
-    "term: gradient through the tangent, or jvp of jvp). MeanFlow/sCM losses put the tangent "
+    "(jax.jvp output) with respect to q, k or v is not implemented (a second-order term, "
+    "needed when differentiating through the tangent). MeanFlow/sCM losses put the tangent "
     "under jax.lax.stop_gradient, which never needs it; otherwise use impl='xla'.")
 
 
