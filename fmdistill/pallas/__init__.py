@@ -6,9 +6,9 @@
 * ``'pallas'``: the Pallas flash kernels with a custom JVP rule (design and limits in
   ``fused_attention``): ``jax.grad`` runs the flash backward kernels, ``jax.jvp`` the flash
   forward and flash tangent kernels, and the MeanFlow/sCM pattern (grad through ``o`` of
-  ``o, do = jax.jvp(...)`` with ``do`` under ``stop_gradient``) works, all in O(N) memory. On CPU there is no Pallas backend, so
-  ``impl='pallas'`` runs the kernels with ``interpret=True`` (slow; for tests). It never
-  falls back to XLA.
+  ``o, do = jax.jvp(...)`` with ``do`` under ``stop_gradient``) works, all in O(N) memory.
+  On CPU there is no Pallas backend, so ``impl='pallas'`` runs the kernels with
+  ``interpret=True`` (slow; for tests). It never falls back to XLA.
 * ``'auto'``: ``'pallas'`` when the default backend is GPU or TPU, ``'xla'`` on CPU.
 """
 from __future__ import annotations
