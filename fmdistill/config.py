@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from fmdistill import flowmap, models, objectives, paths, sampling
+from fmdistill import flowmap, models, objectives, parallel, paths, sampling
 from fmdistill.errors import ConfigError
 
 _DATA = dict(name="toy", toy="checkerboard", num_examples=4096, conditional=False,
@@ -38,6 +38,7 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.critic = ml_collections.ConfigDict(_TRAIN)   # optimiser of an auxiliary network, if any
   c.teacher = ml_collections.ConfigDict(_TEACHER)
   c.eval = ml_collections.ConfigDict(_EVAL)
+  c.mesh = parallel.mesh_config()
   return c
 
 
@@ -88,8 +89,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(all(0 < d < 1 for d in t.ema_decays), f"{section}.ema_decays", t.ema_decays,
            "decays in (0, 1)")
   import jax
+  mesh = parallel.mesh_shape(c.mesh, jax.device_count())
+  shards = mesh[0] * mesh[1]
+  _check(c.train.batch_size % shards == 0, "train.batch_size", c.train.batch_size,
+         f"a multiple of the data x fsdp = {shards} batch shards of config.mesh")
   _check(c.train.batch_size % jax.process_count() == 0, "train.batch_size",
          c.train.batch_size, f"a multiple of the process count {jax.process_count()}")
+  for i, rule in enumerate(c.mesh.rules):
+    _check(len(rule) == 2 and isinstance(rule[0], str), f"mesh.rules[{i}]", rule,
+           "(regex, spec) pairs, spec a tuple of mesh axes/None or 'fsdp'")
   _check(c.data.name in ("toy", "digits", "shapes", "tfds"), "data.name", c.data.name,
          ["digits", "shapes", "tfds", "toy"])
   from fmdistill.data import toy

@@ -22,7 +22,7 @@ import optax
 from flax import struct
 from tqdm import tqdm
 
-from fmdistill import checkpoint, config as config_lib, data, models, objectives
+from fmdistill import checkpoint, config as config_lib, data, models, objectives, parallel
 from fmdistill import teacher as teacher_lib, workdir as workdir_lib
 from fmdistill.errors import ConfigError, Preempted
 
@@ -119,8 +119,14 @@ def abstract_state(config: ml_collections.ConfigDict) -> tuple[models.Network, T
 
 
 def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
-                    teacher: teacher_lib.Teacher | None) -> Callable:
-  """``step(state, batch, teacher_params) -> (state, metrics)``, jitted, state donated."""
+                    teacher: teacher_lib.Teacher | None, shardings: tuple | None = None
+                    ) -> Callable:
+  """``step(state, batch, teacher_params) -> (state, metrics)``, jitted, state donated.
+
+  ``shardings = (mesh, state_sharding, teacher_sharding)`` makes it one pjit-style ``jax.jit``
+  with ``in_shardings``/``out_shardings`` (batches sharded over ``('data', 'fsdp')``) that runs
+  under ``jax.set_mesh(mesh)``, so the attention kernel is wrapped in ``shard_map``.
+  """
   entry = objectives.entry(config.method)
   loss_fn, ocfg, t = entry.loss, config.objective, config.train
   opt = make_optimizer(t)
@@ -174,7 +180,22 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
                    skipped=state.skipped)
     return state, metrics
 
-  return jax.jit(step_fn, donate_argnums=0)
+  if shardings is None:
+    return jax.jit(step_fn, donate_argnums=0)
+  mesh, state_sh, teacher_sh = shardings
+  rep = parallel.replicated(mesh)
+  batch_sh = lambda b: {k: parallel.batch_sharding(mesh, v.ndim) for k, v in b.items()}
+  cache = {}
+
+  def sharded(state, batch, tparams):
+    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+    if key not in cache:
+      cache[key] = jax.jit(step_fn, donate_argnums=0,
+                           in_shardings=(state_sh, batch_sh(batch), teacher_sh),
+                           out_shardings=(state_sh, rep))
+    with jax.set_mesh(mesh):
+      return cache[key](state, batch, tparams)
+  return sharded
 
 
 def _copy(tree):
@@ -272,6 +293,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   source, teacher, net, state = setup(config, workdir, overwrite=overwrite, progress=progress)
   t = config.train
   proc, nproc = jax.process_index(), jax.process_count()
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.check_batch(t.batch_size, mesh)
+  state_sh = parallel.state_shardings(state, mesh, config.mesh)
+  state = jax.device_put(state, state_sh)
+  tparams, teacher_sh = None, None
+  if teacher is not None:
+    teacher_sh = parallel.state_shardings({"teacher": teacher.params}, mesh, config.mesh)
+    tparams = jax.device_put({"teacher": teacher.params}, teacher_sh)["teacher"]
+    teacher_sh = teacher_sh["teacher"]
   mngr = checkpoint.manager(workdir, keep=t.keep, every=t.ckpt_every)
   state, _ = checkpoint.restore_latest(mngr, state, workdir)  # may refuse: before any write
   if proc == 0:
@@ -280,8 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log_path = os.path.join(workdir, "metrics.jsonl")
   if proc == 0:
     _trim_log(log_path, start)
-  step_fn = make_train_step(config, net, teacher)
-  tparams = teacher.params if teacher is not None else None
+  step_fn = make_train_step(config, net, teacher, (mesh, state_sh, teacher_sh))
   log = open(log_path, "a") if proc == 0 else None
   end = t.steps if stop_after is None else min(t.steps, start + stop_after)
   bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
@@ -290,8 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with _SigtermFlag() as sigterm:
       for step in bar:
-        batch = jax.tree_util.tree_map(jnp.asarray,
-                                       source.batch(step, t.batch_size, proc, nproc))
+        batch = parallel.global_batch(source.batch(step, t.batch_size, proc, nproc), mesh,
+                                      t.batch_size)
         state, metrics = step_fn(state, batch, tparams)
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:

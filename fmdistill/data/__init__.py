@@ -1,7 +1,8 @@
 """Data sources. A batch is ``{'x': (B, ...) float32, 'cond': (B,) int32}`` (``cond`` only for
 labelled data), a pure function of ``(seed, step)`` so a resumed run sees exactly the batches an
-uninterrupted run would, and host-local: process ``i`` of ``n`` gets rows ``i::n`` of the
-global batch (assemble with ``jax.make_array_from_process_local_data``).
+uninterrupted run would, and host-local: process ``i`` of ``n`` gets the ``i``-th contiguous
+block of rows of the global batch (assembled with ``jax.make_array_from_process_local_data``),
+so a multi-process run sees the same global batch as a single process.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ class ToySource:
 
   def batch(self, step: int, batch_size: int, process_index: int = 0,
             process_count: int = 1) -> dict:
-    rng = np.random.default_rng([self.seed, step, process_index])
-    return {"x": self.sampler(rng, batch_size // process_count)}
+    x = self.sampler(np.random.default_rng([self.seed, step]), batch_size)
+    return {"x": _block(x, process_index, process_count)}
 
   def reference(self, n: int, seed: int) -> np.ndarray:
     """Fresh samples (independent of training batches) for metrics."""
@@ -59,8 +60,7 @@ class ArraySource:
 
   def batch(self, step: int, batch_size: int, process_index: int = 0,
             process_count: int = 1) -> dict:
-    idx = self.indices(step, batch_size)[process_index::process_count]
-    return self.get(idx)
+    return self.get(_block(self.indices(step, batch_size), process_index, process_count))
 
   def reference(self, n: int, seed: int) -> np.ndarray:
     """Up to ``min(n, size // 2)`` examples: odd seeds read one fixed half of the data, even
@@ -70,6 +70,12 @@ class ArraySource:
     perm = np.random.default_rng([self.seed, 2 ** 31 - 1]).permutation(self.size)
     start = (seed % 2) * half
     return self.get(perm[start:start + n])["x"]
+
+
+def _block(rows: np.ndarray, i: int, n: int) -> np.ndarray:
+  """The ``i``-th of ``n`` contiguous blocks of ``rows``."""
+  per = len(rows) // n
+  return rows[i * per:(i + 1) * per]
 
 
 def _array_getter(x: np.ndarray, y: np.ndarray | None):
@@ -85,7 +91,7 @@ def _tfds_source(cfg: ml_collections.ConfigDict, seed: int) -> ArraySource:
   import tensorflow_datasets as tfds
   from fmdistill.data import tfds_builder  # noqa: F401  registers fmdistill_digits
   if not cfg.data_dir:
-    raise ConfigError("data.data_dir is empty: TFDS datasets are read from a local data_dir "
+    raise ConfigError("config.data.data_dir is empty: TFDS datasets are read from a local data_dir "
                      "(nothing is downloaded at run time)")
   if not os.path.isdir(os.path.join(cfg.data_dir, cfg.tfds_name)):
     raise FileNotFoundError(f"TFDS dataset {cfg.tfds_name!r} not found under data.data_dir="
@@ -94,7 +100,7 @@ def _tfds_source(cfg: ml_collections.ConfigDict, seed: int) -> ArraySource:
     src = tfds.data_source(cfg.tfds_name, data_dir=cfg.data_dir, split=cfg.split,
                            download=False)
   except Exception as e:  # tfrecord-only datasets and other formats land here
-    raise ConfigError(f"cannot open TFDS {cfg.tfds_name!r} split {cfg.split!r} as a random-"
+    raise ConfigError(f"config.data.tfds_name: cannot open {cfg.tfds_name!r} split {cfg.split!r} as a random-"
                        f"access data source ({e}); datasets stored as tfrecord need the 'tf' "
                        "extra: pip install 'fmdistill[tf]'") from None
   first = src[0]
@@ -119,7 +125,7 @@ def make_source(cfg: ml_collections.ConfigDict, seed: int) -> Any:
   """The data source named by ``cfg.name`` (one of ``DATASETS``)."""
   if cfg.name == "toy":
     if cfg.toy not in toy.TOYS:
-      raise ConfigError(f"data.toy must be one of {sorted(toy.TOYS)}, got {cfg.toy!r}")
+      raise ConfigError(f"config.data.toy must be one of {sorted(toy.TOYS)}, got {cfg.toy!r}")
     return ToySource(toy.TOYS[cfg.toy], seed)
   if cfg.name in ("digits", "shapes"):
     x, y = images.digits() if cfg.name == "digits" else images.shapes(cfg.num_examples, seed=0)
@@ -128,4 +134,4 @@ def make_source(cfg: ml_collections.ConfigDict, seed: int) -> Any:
                        int(y.max()) + 1 if y is not None else 0)
   if cfg.name == "tfds":
     return _tfds_source(cfg, seed)
-  raise ConfigError(f"data.name must be one of {list(DATASETS)}, got {cfg.name!r}")
+  raise ConfigError(f"config.data.name must be one of {list(DATASETS)}, got {cfg.name!r}")

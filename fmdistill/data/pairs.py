@@ -34,16 +34,17 @@ def build_cache(directory: str, generate: Callable[[int, int], dict], num: int, 
       raise ValueError(f"pair cache {directory} was built with different settings: {old} "
                        f"!= {meta}; remove it or choose another directory")
   else:
-    with open(meta_path + ".tmp", "w") as f:
+    tmp = f"{meta_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
       json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(meta_path + ".tmp", meta_path)
+    os.replace(tmp, meta_path)
   n_chunks = -(-num // chunk)
   parts = []
   for c in tqdm(range(n_chunks), desc="teacher pairs", disable=not progress, leave=False):
     path = os.path.join(directory, f"chunk_{c:05d}.npz")
     if not os.path.exists(path):
       arrays = {k: np.asarray(v) for k, v in generate(c, chunk).items()}
-      tmp = path + ".tmp.npz"
+      tmp = f"{path}.tmp{os.getpid()}.npz"  # several processes may write the same chunk
       np.savez(tmp, **arrays)
       os.replace(tmp, path)
     with np.load(path) as z:

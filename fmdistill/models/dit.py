@@ -2,7 +2,8 @@
 
 ``x (B, H, W, C)`` -> patches of ``patch x patch`` -> ``depth`` transformer blocks with
 adaLN-zero conditioning on ``TimeEmbed(t, t - s) + LabelEmbed(cond)`` -> unpatchify. Attention
-goes through ``fmdistill.pallas.attention`` so that the fused kernel (and its JVP rule) is
+goes through ``fmdistill.parallel.attention`` (the Pallas kernel, in ``shard_map`` when a
+mesh is set) so that the fused kernel (and its JVP rule) is
 used by every objective unchanged.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from fmdistill import pallas
+from fmdistill import parallel
 from fmdistill.errors import ConfigError
 from fmdistill.models.embeddings import LabelEmbed, TimeEmbed
 
@@ -55,7 +56,7 @@ class Block(nnx.Module):
     sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(nnx.silu(c)), 6, axis=-1)
     q, k, v = jnp.split(self.qkv(modulate(self.norm1(x), sh1, sc1)), 3, axis=-1)
     q, k, v = (rearrange(a, "b n (h d) -> b n h d", h=self.heads) for a in (q, k, v))
-    a = pallas.attention(q, k, v, impl=self.attn_impl)
+    a = parallel.attention(q, k, v, impl=self.attn_impl)
     x = x + g1[:, None] * self.proj(rearrange(a, "b n h d -> b n (h d)"))
     h = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), sh2, sc2)), approximate=True))
     return x + g2[:, None] * h
