@@ -8,6 +8,7 @@ logging to a tqdm bar, ``metrics.jsonl`` and a stdout line every ``log_every`` s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -121,12 +122,9 @@ def abstract_state(config: ml_collections.ConfigDict) -> tuple[models.Network, T
 def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
                     teacher: teacher_lib.Teacher | None, shardings: tuple | None = None
                     ) -> Callable:
-  """``step(state, batch, teacher_params) -> (state, metrics)``, jitted, state donated.
-
-  ``shardings = (mesh, state_sharding, teacher_sharding)`` makes it one pjit-style ``jax.jit``
-  with ``in_shardings``/``out_shardings`` (batches sharded over ``('data', 'fsdp')``) that runs
-  under ``jax.set_mesh(mesh)``, so the attention kernel is wrapped in ``shard_map``.
-  """
+  """The train step of ``config.method`` as a ``TrainStep`` (jitted, state donated); with
+  ``shardings = (mesh, state_sharding, teacher_sharding)`` it is sharded over the mesh and the
+  attention kernel runs under ``shard_map``."""
   entry = objectives.entry(config.method)
   loss_fn, ocfg, t = entry.loss, config.objective, config.train
   opt = make_optimizer(t)
@@ -180,22 +178,44 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
                    skipped=state.skipped)
     return state, metrics
 
-  if shardings is None:
-    return jax.jit(step_fn, donate_argnums=0)
-  mesh, state_sh, teacher_sh = shardings
-  rep = parallel.replicated(mesh)
-  batch_sh = lambda b: {k: parallel.batch_sharding(mesh, v.ndim) for k, v in b.items()}
-  cache = {}
+  return TrainStep(step_fn, shardings)
 
-  def sharded(state, batch, tparams):
+
+class TrainStep:
+  """The jitted step: ``step(state, batch, teacher_params) -> (state, metrics)``.
+
+  With ``shardings = (mesh, state_sharding, teacher_sharding)`` it is one pjit-style ``jax.jit``
+  with ``in_shardings``/``out_shardings`` per batch structure (batches sharded over
+  ``('data', 'fsdp')``), traced and run under ``jax.set_mesh(mesh)``. ``lower`` gives the
+  lowered computation (for cost and memory analysis).
+  """
+
+  def __init__(self, step_fn: Callable, shardings: tuple | None = None):
+    self.step_fn, self.shardings, self._jitted = step_fn, shardings, {}
+
+  def _jit(self, batch: dict):
     key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
-    if key not in cache:
-      cache[key] = jax.jit(step_fn, donate_argnums=0,
-                           in_shardings=(state_sh, batch_sh(batch), teacher_sh),
-                           out_shardings=(state_sh, rep))
-    with jax.set_mesh(mesh):
-      return cache[key](state, batch, tparams)
-  return sharded
+    if key not in self._jitted:
+      if self.shardings is None:
+        self._jitted[key] = jax.jit(self.step_fn, donate_argnums=0)
+      else:
+        mesh, state_sh, teacher_sh = self.shardings
+        batch_sh = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+        self._jitted[key] = jax.jit(self.step_fn, donate_argnums=0,
+                                    in_shardings=(state_sh, batch_sh, teacher_sh),
+                                    out_shardings=(state_sh, parallel.replicated(mesh)))
+    return self._jitted[key]
+
+  def _mesh(self):
+    return jax.set_mesh(self.shardings[0]) if self.shardings else contextlib.nullcontext()
+
+  def __call__(self, state, batch, tparams):
+    with self._mesh():
+      return self._jit(batch)(state, batch, tparams)
+
+  def lower(self, state, batch, tparams):
+    with self._mesh():
+      return self._jit(batch).lower(state, batch, tparams)
 
 
 def _copy(tree):
