@@ -305,13 +305,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        ) -> tuple[models.Network, TrainState]:
   """Train ``config`` in ``workdir``, resuming from its latest good checkpoint if any.
 
-  ``eval_fn(net, state) -> dict`` runs every ``train.eval_every`` steps (0 = never); its
-  figures are logged with an ``eval/`` prefix. ``stop_after`` ends this process after that many
+  ``eval_fn(net, state) -> dict`` runs every ``train.eval_every`` steps (0 = never; default:
+  ``evaluate.periodic_eval_fn``, sliced W2 to held-out data); its figures are logged with an
+  ``eval/`` prefix. ``stop_after`` ends this process after that many
   steps (checkpointed), to be resumed later with the same command. SIGTERM saves a checkpoint
   at the current step and raises ``Preempted``.
   """
   source, teacher, net, state = setup(config, workdir, overwrite=overwrite, progress=progress)
   t = config.train
+  if eval_fn is None and t.eval_every:
+    from fmdistill.eval import evaluate  # local: eval imports the model stack
+    eval_fn = evaluate.periodic_eval_fn(config, make_source(config))
   proc, nproc = jax.process_index(), jax.process_count()
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch(t.batch_size, mesh)

@@ -101,3 +101,16 @@ def test_teacher_loading_and_pair_cache_resume(tmp_path):
   c.teacher.pair_cache = str(tmp_path / "s" / "pairs")
   with pytest.raises(ValueError, match="different settings"):
     train.setup(c, str(tmp_path / "s2"))
+
+
+def test_periodic_evaluation_is_logged(tmp_path):
+  import json
+  c = tiny(steps=10)
+  c.train.eval_every = 5
+  c.eval.which = "ema_0.9"
+  c.eval.teacher_nfe = (2, 4)
+  train.train_and_evaluate(c, str(tmp_path), progress=False)
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  evals = [l for l in lines if "eval/sliced_w2_nfe4" in l]
+  assert [l["step"] for l in evals] == [5, 10]
+  assert all(0 < l["eval/sliced_w2_nfe4"] < 10 for l in evals)

@@ -66,3 +66,18 @@ def quality(samples: np.ndarray, reference: np.ndarray, features=None) -> dict:
 def noise_floor(source, n: int, features=None) -> dict:
   """``quality`` between two independent data samples of size ``n``."""
   return quality(source.reference(n, 1), source.reference(n, 2), features)
+
+
+def periodic_eval_fn(config, source, n: int = 1000):
+  """The train loop's evaluation hook: sliced W2 to held-out data at the method's smallest
+  evaluation NFE (flow-map students) or largest (ODE teachers), on ``config.eval.which``."""
+  reference = source.reference(n, 0)
+  sampler = objectives.entry(config.method).sampler
+  nfe = max(config.eval.teacher_nfe) if sampler == "ode" else min(config.eval.student_nfe)
+
+  def fn(net, state):
+    which = config.eval.which
+    params = state.ema[which] if which in state.ema else state.params
+    x = generate(config, net, params, jax.random.PRNGKey(config.seed), len(reference), nfe)
+    return {f"sliced_w2_nfe{nfe}": metrics.sliced_w2(x, reference)}
+  return fn
