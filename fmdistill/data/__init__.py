@@ -7,15 +7,13 @@ so a multi-process run sees the same global batch as a single process.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import ml_collections
-
-from fmdistill.errors import ConfigError
 import numpy as np
 
 from fmdistill.data import images, toy
+from fmdistill.errors import ConfigError
 
 DATASETS = ("toy", "digits", "shapes", "tfds")
 
@@ -88,37 +86,21 @@ def _array_getter(x: np.ndarray, y: np.ndarray | None):
 
 
 def _tfds_source(cfg: ml_collections.ConfigDict, seed: int) -> ArraySource:
-  import tensorflow_datasets as tfds
-  from fmdistill.data import tfds_builder  # noqa: F401  registers fmdistill_digits
-  if not cfg.data_dir:
-    raise ConfigError("config.data.data_dir is empty: TFDS datasets are read from a local data_dir "
-                     "(nothing is downloaded at run time)")
-  if not os.path.isdir(os.path.join(cfg.data_dir, cfg.tfds_name)):
-    raise FileNotFoundError(f"TFDS dataset {cfg.tfds_name!r} not found under data.data_dir="
-                            f"{cfg.data_dir!r}; build or copy it there first")
-  try:
-    src = tfds.data_source(cfg.tfds_name, data_dir=cfg.data_dir, split=cfg.split,
-                           download=False)
-  except Exception as e:  # tfrecord-only datasets and other formats land here
-    raise ConfigError(f"config.data.tfds_name: cannot open {cfg.tfds_name!r} split {cfg.split!r} as a random-"
-                       f"access data source ({e}); datasets stored as tfrecord need the 'tf' "
-                       "extra: pip install 'fmdistill[tf]'") from None
+  from fmdistill.data import tfds_source
+  src = tfds_source.rows(cfg)
   first = src[0]
+  if cfg.image_key not in first:
+    raise ConfigError(f"config.data.image_key={cfg.image_key!r} is not a feature of "
+                      f"{cfg.tfds_name!r}; accepted: {sorted(first)}")
   x0 = np.asarray(first[cfg.image_key])
-  labelled = bool(cfg.label_key) and cfg.label_key in first
-
-  def get(idx):
-    rows = [src[int(i)] for i in idx]
-    x = np.stack([np.asarray(r[cfg.image_key]) for r in rows]).astype(np.float32)
-    if np.asarray(first[cfg.image_key]).dtype == np.uint8:
-      x = x / 127.5 - 1.0
-    out = {"x": x}
-    if labelled:
-      out["cond"] = np.asarray([r[cfg.label_key] for r in rows], np.int32)
-    return out
-
-  num_classes = cfg.num_classes if labelled else 0
-  return ArraySource(get, len(src), seed, tuple(x0.shape), num_classes)
+  if x0.ndim != 3:
+    raise ConfigError(f"config.data.image_key={cfg.image_key!r} has shape {x0.shape}; "
+                      "accepted: images (H, W, C)")
+  labelled = bool(cfg.label_key) and cfg.label_key in first and cfg.conditional
+  if labelled and cfg.num_classes < 1:
+    raise ConfigError("config.data.num_classes must be set (> 0) for a conditional TFDS dataset")
+  get = lambda idx: tfds_source.to_arrays(src, idx, cfg, labelled)
+  return ArraySource(get, len(src), seed, tuple(x0.shape), cfg.num_classes if labelled else 0)
 
 
 def make_source(cfg: ml_collections.ConfigDict, seed: int) -> Any:

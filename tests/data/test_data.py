@@ -50,7 +50,8 @@ def test_shapes_dataset():
 def test_tfds_builder_round_trip(tmp_path):
   name = tfds_builder.build_digits(str(tmp_path))
   cfg = base("flow_matching").data
-  cfg.update(name="tfds", tfds_name=name, data_dir=str(tmp_path), num_classes=10)
+  cfg.update(name="tfds", tfds_name=name, data_dir=str(tmp_path), num_classes=10,
+             conditional=True)
   src = data.make_source(cfg, seed=0)
   assert src.shape == (8, 8, 1) and src.size == 1500
   b = src.batch(0, 32)
@@ -79,4 +80,28 @@ def test_unknown_dataset():
     data.make_source(cfg, 0)
   cfg.name, cfg.toy = "toy", "swissroll"
   with pytest.raises(ValueError, match="data.toy"):
+    data.make_source(cfg, 0)
+
+
+def test_tfds_tfrecord_without_tensorflow_says_which_extra(tmp_path):
+  """A tfrecord dataset goes through tf.data; without TensorFlow the error names the extra."""
+  import json
+  import pathlib
+  pytest.importorskip("tensorflow_datasets")
+  try:
+    import tensorflow  # noqa: F401
+    pytest.skip("TensorFlow is installed: the error path cannot be shown")
+  except ImportError:
+    pass
+  name = tfds_builder.build_digits(str(tmp_path))
+  info = next(pathlib.Path(tmp_path).glob(f"{name}/*/dataset_info.json"))
+  meta = json.loads(info.read_text())
+  meta["fileFormat"] = "tfrecord"
+  info.write_text(json.dumps(meta))
+  cfg = base("flow_matching").data
+  cfg.update(name="tfds", tfds_name=name, data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"install the 'tf' extra"):
+    data.make_source(cfg, 0)
+  cfg.split = "validation"
+  with pytest.raises(ValueError, match="not a split"):
     data.make_source(cfg, 0)
