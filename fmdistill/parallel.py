@@ -32,14 +32,15 @@ AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
 
 # Tensor-parallel rules for the DiT (Megatron style: column-parallel in, row-parallel out),
-# then FSDP for everything else big enough. Used when ``mesh.rules`` is empty.
+# each matrix's other axis FSDP-sharded; then FSDP for everything else big enough. Used when
+# ``mesh.rules`` is empty.
 DEFAULT_RULES = (
-    (r".*block\d+/qkv/kernel$", (None, "tensor")),
+    (r".*block\d+/qkv/kernel$", ("fsdp", "tensor")),
     (r".*block\d+/qkv/bias$", ("tensor",)),
-    (r".*block\d+/fc1/kernel$", (None, "tensor")),
+    (r".*block\d+/fc1/kernel$", ("fsdp", "tensor")),
     (r".*block\d+/fc1/bias$", ("tensor",)),
-    (r".*block\d+/proj/kernel$", ("tensor", None)),
-    (r".*block\d+/fc2/kernel$", ("tensor", None)),
+    (r".*block\d+/proj/kernel$", ("tensor", "fsdp")),
+    (r".*block\d+/fc2/kernel$", ("tensor", "fsdp")),
     (r".*", "fsdp"),
 )
 

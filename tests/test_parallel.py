@@ -105,7 +105,7 @@ def test_partition_rules():
   c = config_lib.base("flow_matching").mesh
   spec = parallel.spec_for("params/block0/qkv/kernel", (32, 96), mesh, parallel.DEFAULT_RULES,
                            16)
-  assert tuple(spec) == (None, "tensor")
+  assert tuple(spec) == ("fsdp", "tensor")
   spec = parallel.spec_for("opt_state/1/0/mu/embed/kernel", (4, 32), mesh,
                            parallel.DEFAULT_RULES, 16)
   assert tuple(spec) == ()  # fsdp size 1: replicated
