@@ -48,6 +48,21 @@ def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
       guidance=config.teacher.guidance, null_label=o.num_classes or None)
 
 
+def velocity_fn(teacher: Teacher, config) -> Callable:
+  """``v(params, x, t, cond)``: a network of the teacher's architecture, parameterisation and
+  path, as a velocity on the student's path, differentiable in ``params`` (for critics that
+  start from the teacher, such as DMD's fake score). No guidance."""
+  o = config.objective
+  dst = paths.get_path(o.path, o.sigma_d)
+
+  def v(params, x, t, cond=None):
+    base = lambda x_, t_: teacher.param.velocity(teacher.net, params, x_, t_, cond)
+    if teacher.path.name != dst.name or teacher.path.sigma_d != dst.sigma_d:
+      base = paths.convert_velocity(base, teacher.path, dst)
+    return base(x, t)
+  return v
+
+
 def pair_source(config, teacher: Teacher, workdir: str, progress: bool = True
                 ) -> data.ArraySource:
   """Build (or resume) the teacher-trajectory cache and expose it as a data source.

@@ -130,11 +130,13 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
   opt = make_optimizer(t)
   critic_opt = make_optimizer(config.critic) if entry.critic else None
 
+  critic_fn = teacher_lib.velocity_fn(teacher, config) if entry.critic else None
+
   def critic_update(state, batch, key, tparams):
     spec = entry.critic
     def one(carry, k):
       cp, copt = carry
-      loss_c = lambda p: spec.loss(p, state.params, batch, k, net=net, critic_net=teacher.net,
+      loss_c = lambda p: spec.loss(p, state.params, batch, k, net=net, critic=critic_fn,
                                    teacher=teacher_lib.bind(teacher, tparams, config),
                                    step=state.step, cfg=ocfg)
       (lc, _), g = jax.value_and_grad(loss_c, has_aux=True)(cp)
@@ -156,7 +158,10 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
       state, metrics["critic_loss"] = critic_update(state, batch, k_critic, tparams)
     bound = teacher_lib.bind(teacher, tparams, config)
     target = state.ema[ocfg.target_ema] if ocfg.target_ema else state.params
-    extra = {"critic": (teacher.net, state.critic_params)} if entry.critic else {}
+    extra = {}
+    if entry.critic:
+      frozen = jax.lax.stop_gradient(state.critic_params)
+      extra["critic"] = lambda x, t, cond=None: critic_fn(frozen, x, t, cond)
 
     def objective(p):
       return loss_fn(p, batch, k_loss, net=net, teacher=bound,

@@ -30,9 +30,11 @@ Loss = Callable[..., tuple[Any, dict]]
 class Critic:
   """An auxiliary network trained alternately with the student (DMD's fake score, ...).
 
-  ``loss(critic_params, student_params, batch, key, *, net, critic_net, teacher, step, cfg)``;
-  it is updated ``updates`` times every ``every`` student steps, before the student update.
-  The student loss receives ``critic=(critic_net, critic_params)``.
+  It has the teacher's architecture and starts from the teacher's weights. Its loss is
+  ``loss(critic_params, student_params, batch, key, *, net, critic, teacher, step, cfg)`` with
+  ``critic(params, x, t, cond)`` its velocity on the student's path; it is updated ``updates``
+  times every ``every`` student steps, before the student update. The student loss receives
+  ``critic(x, t, cond)``: the current critic's velocity, frozen.
   """
   loss: Loss
   every: int = 1
