@@ -133,7 +133,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def load_params(workdir: str, which: str = "params") -> tuple[ml_collections.ConfigDict, Any, Any]:
   """Load a run's network and parameters: ``(config, net, params)``.
 
-  ``which`` is ``'params'`` (the raw weights) or an EMA name such as ``'ema_0.999'``.
+  ``which`` is ``'params'`` (the raw weights) or an EMA name such as ``'ema_0.999'``. The
+  checkpoint is read as stored (its own metadata gives the structure), so runs with critics or
+  other auxiliary state load the same way.
   """
   from fmdistill import train  # local import: train imports this module
   config = read_config(workdir)
@@ -141,11 +143,19 @@ def load_params(workdir: str, which: str = "params") -> tuple[ml_collections.Con
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"run {workdir!r} has no checkpoint under {workdir}/checkpoints")
-  net, state = train.abstract_state(config)
-  state = restore(mngr, step, state)
+  net, _ = train.abstract_state(config)
+  meta = mngr.item_metadata(step)["state"]
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_one_device()), meta)
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))["state"]
   if which == "params":
-    return config, net, state.params
-  if which not in state.ema:
-    raise ValueError(f"run {workdir!r} has no EMA {which!r}; it has {sorted(state.ema)} "
+    return config, net, state["params"]
+  if which not in state["ema"]:
+    raise ValueError(f"run {workdir!r} has no EMA {which!r}; it has {sorted(state['ema'])} "
                      "and 'params'")
-  return config, net, state.ema[which]
+  return config, net, state["ema"][which]
+
+
+def _one_device():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
