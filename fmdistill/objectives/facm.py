@@ -75,7 +75,8 @@ def cosine_distance(a, b):
   """Per-example mean over positions of ``1 - cos(a, b)`` along the last (channel) axis."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   dot = jnp.sum(a * b, -1)
-  cos = dot / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-8)
+  # rsqrt of the clamped squared norms: finite gradients at a = 0 (a zero-initialised output)
+  cos = dot * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, -1) * jnp.sum(b * b, -1), 1e-16))
   return jnp.mean((1.0 - cos).reshape(a.shape[0], -1), -1)
 
 
