@@ -42,7 +42,7 @@ def test_meanflow_gradient_vanishes_unweighted():
   cfg.adaptive_p = 0.0
   teacher = lambda x, t, s=None, cond=None: o.G.velocity(tpath, x, t)
   batch = {"x": o.G.sample(jax.random.key(1), 512)}
-  g = jax.jit(jax.grad(lambda q: objectives.get("meanflow_distill")(
+  g = o.jit(jax.grad(lambda q: objectives.get("meanflow_distill")(
       q, batch, jax.random.key(2), net=net, teacher=teacher, ema_params=None, step=0,
       cfg=cfg)[0]))(o.exact_params())
   assert abs(float(g["a"])) < 1e-5 and float(jnp.max(jnp.abs(g["b"]))) < 1e-5, g
@@ -64,7 +64,7 @@ def test_loss_and_gradient_vanish_at_the_exact_map(name):
     params[_common.AUX_KEY] = entry.aux_init(jax.random.key(0), cfg)
   batch = {"x": o.G.sample(jax.random.key(1), 512)}
 
-  @jax.jit
+  @o.jit
   def value_and_grad(p):
     return jax.value_and_grad(lambda q: entry.loss(q, batch, jax.random.key(2), net=net,
                                                    teacher=teacher, ema_params=None,
@@ -166,7 +166,7 @@ def test_conditional_velocity_gradient_vanishes_in_expectation(name, overrides):
   F = o.trigflow_cm_F(o.G, SD) if name == "scm_ct" else o.linear_F(o.G)
   loss = objectives.get(name)
   batch = {"x": o.G.sample(jax.random.key(4), 200_000)}
-  grad = jax.jit(jax.grad(lambda p: loss(p, batch, jax.random.key(5), net=o.plug(F),
+  grad = o.jit(jax.grad(lambda p: loss(p, batch, jax.random.key(5), net=o.plug(F),
                                          teacher=None, ema_params=None, step=BIG_STEP,
                                          cfg=cfg)[0]))
   g_exact = grad(o.exact_params())
