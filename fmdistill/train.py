@@ -25,6 +25,7 @@ from tqdm import tqdm
 from fmdistill import checkpoint, config as config_lib, data, flowmap, models, objectives, paths
 from fmdistill import sampling
 from fmdistill.data import pairs
+from fmdistill.objectives import _common
 
 Array = jax.Array
 
@@ -89,6 +90,10 @@ def init_state(config: ml_collections.ConfigDict, shape: tuple, num_classes: int
   key = jax.random.PRNGKey(config.seed)
   k_model, k_state = jax.random.split(key)
   net, params = models.build(config.model, shape, num_classes, k_model)
+  aux_init = objectives.entry(config.method).aux_init  # objective-owned params (sCM's w_phi)
+  if aux_init is not None:
+    net, params = _common.with_aux(net, params, aux_init(jax.random.fold_in(k_model, 1),
+                                                         config.objective))
   opt = make_optimizer(config.train)
   critic_opt_state = None
   if critic_params is not None:
@@ -284,12 +289,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   critic_params = _copy(teacher.params) if entry.critic else None
   net, state = init_state(config, shape, num_classes, critic_params)
   if teacher is not None and config.teacher.init_student:
-    if (jax.tree_util.tree_structure(teacher.params) != jax.tree_util.tree_structure(state.params)
+    student, aux = _common.split_aux(state.params)
+    if (jax.tree_util.tree_structure(teacher.params) != jax.tree_util.tree_structure(student)
         or jax.tree_util.tree_map(jnp.shape, teacher.params)
-        != jax.tree_util.tree_map(jnp.shape, state.params)):
+        != jax.tree_util.tree_map(jnp.shape, student)):
       raise ValueError("teacher.init_student=True but the student and teacher architectures "
                        "differ; set teacher.init_student=False or use the teacher's model config")
     p = _copy(teacher.params)
+    if aux is not None:
+      p[_common.AUX_KEY] = aux
     state = state.replace(params=p, ema={n: _copy(p) for n in state.ema},
                           opt_state=make_optimizer(config.train).init(p))
   return source, teacher, net, state

@@ -1,6 +1,9 @@
 """Helpers shared by the objective families (no losses are registered here)."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,3 +90,18 @@ def require(cfg, *, param: str | None = None, path: str | None = None, method: s
     raise ValueError(f"{method} is written for param={param!r}, got {cfg.param!r}")
   if path is not None and cfg.path != path:
     raise ValueError(f"{method} is written for path={path!r}, got {cfg.path!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StripAux:
+  """A network that ignores ``params[AUX_KEY]``: what the train loop builds for methods with
+  ``aux_init``, so sampling and evaluation call it with the full parameter tree. Hashable."""
+  net: Any
+
+  def __call__(self, params, x, t, s, cond=None):
+    return self.net(split_aux(params)[0], x, t, s, cond)
+
+
+def with_aux(net, params, aux):
+  """``(StripAux(net), params + {AUX_KEY: aux})``."""
+  return StripAux(net), {**params, AUX_KEY: aux}
