@@ -26,11 +26,9 @@ CONSISTENCY = ("scm_ct", "scm_cd", "facm")  # maps to s = 0 only: multistep re-n
 def tangent_config(c):
   """Shared settings of the tangent family on the toys (see TANGENT_NOTES.md)."""
   c.model.time_scale = 1.0        # smooth time embedding: d/dt of sin(1000 t) swamps tangents
-  c.train.steps = 2000
-  c.train.lr = 1e-3
   c.teacher.init_student = False  # the FM teacher's time embedding is scaled by 1000
   if "tangent_warmup" in c.objective:
-    c.objective.tangent_warmup = 500
+    c.objective.tangent_warmup = 1000
   if c.method in CONSISTENCY:
     c.eval.gamma = 1.0
   return c
