@@ -173,3 +173,17 @@ def test_conditional_velocity_gradient_vanishes_in_expectation(name, overrides):
   g_off = grad({"a": jnp.float32(1.3), "b": jnp.zeros(2)})
   assert abs(float(g_exact["a"])) < 0.03 * abs(float(g_off["a"])), (g_exact, g_off)
   assert float(jnp.max(jnp.abs(g_exact["b"]))) < 0.03 * float(jnp.max(jnp.abs(g_off["b"]))) + 2e-3
+
+
+def test_meanflow_guidance_is_folded_into_the_target_velocity():
+  """``v~ = omega v + kappa u(x, t, t | c) + (1 - omega - kappa) u(x, t, t | null)`` for
+  labelled examples, ``v`` for examples whose label was dropped to the null label."""
+  cfg = objectives.default_config("meanflow")
+  cfg.num_classes, cfg.guidance, cfg.guidance_kappa = 10, 2.5, 0.3
+  net = lambda p, x, t, s, cond: jnp.broadcast_to(cond[:, None].astype(x.dtype), x.shape) * 0.1
+  x, t, v = jnp.ones((4, 2)), jnp.full((4,), 0.5), jnp.full((4, 2), 3.0)
+  cond = jnp.array([1, 10, 4, 10])
+  out = meanflow.guided_velocity(net, None, x, t, v, cond, cfg)
+  want = jnp.where((cond == 10)[:, None], v,
+                   2.5 * v + 0.3 * 0.1 * cond[:, None] + (1 - 2.5 - 0.3) * 0.1 * 10)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6)
