@@ -83,7 +83,7 @@ def test_meanflow_jvp_does_not_differentiate_the_tangent():
   """One jvp call of the student, differentiated through its primal output only, costs about
   a third more than a flow-matching step (fwd + tangent + bwd of the primal), and clearly less
   than differentiating through the tangent as well (which a missing stop_gradient would do)."""
-  net, params = _mlp("float32", "meanflow", width=128)
+  net, params = _mlp("float32", "meanflow", width=64)
   batch = {"x": o.G.sample(jax.random.key(7), 256)}
   step = lambda name: lambda p: jax.value_and_grad(
       lambda q: objectives.get(name)(q, batch, jax.random.key(0), net=net, teacher=None,
