@@ -17,6 +17,23 @@ def _parse(arg: str) -> tuple[str, dict]:
   return method, kv
 
 
+# the tangent family (issue 4): flow maps trained through jax.jvp time derivatives
+TANGENT = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
+           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self")
+CONSISTENCY = ("scm_ct", "scm_cd", "facm")  # maps to s = 0 only: multistep re-noises (gamma=1)
+
+
+def tangent_config(c):
+  """Shared settings of the tangent family on the toys (see TANGENT_NOTES.md)."""
+  c.model.time_scale = 1.0        # smooth time embedding: d/dt of sin(1000 t) swamps tangents
+  c.teacher.init_student = False  # the FM teacher's time embedding is scaled by 1000
+  if "tangent_warmup" in c.objective:
+    c.objective.tangent_warmup = 1000
+  if c.method in CONSISTENCY:
+    c.eval.gamma = 1.0
+  return c
+
+
 def method_config(method: str, toy: str = "checkerboard"):
   c = config_lib.base(method)
   c.data.toy = toy
@@ -32,6 +49,8 @@ def method_config(method: str, toy: str = "checkerboard"):
     c.train.warmup_steps = 0
     c.objective.pair_steps = 4
     c.teacher.pair_num = 16384
+  if method in TANGENT:
+    tangent_config(c)
   return c
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from fmdistill import checkpoint, config as config_lib, data, models, objectives, parallel
 from fmdistill import teacher as teacher_lib, workdir as workdir_lib
 from fmdistill.errors import ConfigError, Preempted
+from fmdistill.objectives import _common
 
 Array = jax.Array
 
@@ -90,6 +91,10 @@ def init_state(config: ml_collections.ConfigDict, shape: tuple, num_classes: int
   key = jax.random.PRNGKey(config.seed)
   k_model, k_state = jax.random.split(key)
   net, params = models.build(config.model, shape, num_classes, k_model)
+  aux_init = objectives.entry(config.method).aux_init  # objective-owned params (sCM's w_phi)
+  if aux_init is not None:
+    net, params = _common.with_aux(net, params, aux_init(jax.random.fold_in(k_model, 1),
+                                                         config.objective))
   opt = make_optimizer(config.train)
   critic_opt_state = None
   if critic_params is not None:
@@ -259,13 +264,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   critic_params = _copy(teacher.params) if entry.critic else None
   net, state = init_state(config, shape, num_classes, critic_params)
   if teacher is not None and config.teacher.init_student:
+    student, aux = _common.split_aux(state.params)
     same = jax.tree_util.tree_structure(teacher.params) == jax.tree_util.tree_structure(
-        state.params) and jax.tree_util.tree_map(jnp.shape, teacher.params) == \
-        jax.tree_util.tree_map(jnp.shape, state.params)
+        student) and jax.tree_util.tree_map(jnp.shape, teacher.params) == \
+        jax.tree_util.tree_map(jnp.shape, student)
     if not same:
       raise ConfigError("config.teacher.init_student=True but the student and teacher "
                         "architectures differ; set it False or use the teacher's model config")
     p = _copy(teacher.params)
+    if aux is not None:
+      p[_common.AUX_KEY] = aux
     state = state.replace(params=p, ema={n: _copy(p) for n in state.ema},
                           opt_state=make_optimizer(config.train).init(p))
   if entry.batch == "teacher_pairs":

@@ -56,6 +56,7 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
       raise ConfigError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
     module = DiT(tuple(data_shape), cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
                  num_classes, dtype, cfg.attn_impl, rngs=rngs)
+  module.time.scale = float(cfg.get("time_scale", 1000.0))  # static: part of the graphdef
   graphdef, state = nnx.split(module)
   return Network(graphdef), nnx.to_pure_dict(state)
 

@@ -26,8 +26,10 @@ class TimeEmbed(nnx.Module):
   """Embeds ``t`` and ``t - s`` (MeanFlow's choice of time inputs): sinusoidal features of
   each, summed after a float32 two-layer MLP. Output ``(B, width)`` float32."""
 
-  def __init__(self, width: int, freq_dim: int = 128, *, rngs: nnx.Rngs):
+  def __init__(self, width: int, freq_dim: int = 128, *, scale: float = 1000.0,
+               rngs: nnx.Rngs):
     self.freq_dim = freq_dim
+    self.scale = scale  # t -> sinusoidal(scale * t); tangent methods need a small scale (~1)
     f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
     self.t1 = nnx.Linear(freq_dim, width, rngs=rngs, **f32)
     self.t2 = nnx.Linear(width, width, rngs=rngs, **f32)
@@ -37,8 +39,8 @@ class TimeEmbed(nnx.Module):
   def __call__(self, t: Array, s: Array) -> Array:
     t = t.astype(jnp.float32)
     s = s.astype(jnp.float32)
-    et = self.t2(nnx.silu(self.t1(sinusoidal(t, self.freq_dim))))
-    ed = self.d2(nnx.silu(self.d1(sinusoidal(t - s, self.freq_dim))))
+    et = self.t2(nnx.silu(self.t1(sinusoidal(t, self.freq_dim, scale=self.scale))))
+    ed = self.d2(nnx.silu(self.d1(sinusoidal(t - s, self.freq_dim, scale=self.scale))))
     return et + ed
 
 

@@ -51,6 +51,9 @@ class Objective:
   critic: Critic | None = None
   sampler: str = "flowmap"     # how the trained net samples: 'flowmap' jumps or 'ode' (velocity)
   doc: str = ""
+  # objective-owned parameters (e.g. sCM's learned loss weighting): ``aux_init(key, cfg)``; the
+  # train loop stores them under ``params[_common.AUX_KEY]`` (see ``_common.split_aux``)
+  aux_init: Callable[[Any, ml_collections.ConfigDict], Any] | None = None
 
 
 _REGISTRY: dict[str, Objective] = {}

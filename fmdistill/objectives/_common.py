@@ -1,6 +1,9 @@
 """Helpers shared by the objective families (no losses are registered here)."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,3 +55,53 @@ def mean_sq(x: Array) -> Array:
   """Per-example mean square over all non-batch axes, in float32: ``(B, ...) -> (B,)``."""
   x = x.astype(jnp.float32)
   return jnp.mean(jnp.square(x).reshape(x.shape[0], -1), axis=-1)
+
+
+# ----------------------------------------------------------------------------- tangent family
+
+AUX_KEY = "loss_weight"  # objective-owned parameters (sCM's learned weighting w_phi) in params
+
+
+def split_aux(params):
+  """``(network params, objective params or None)``: methods with a learned loss weighting keep
+  it under ``params[AUX_KEY]`` beside the network's own (nested-dict) parameters."""
+  if isinstance(params, dict) and AUX_KEY in params:
+    return {k: v for k, v in params.items() if k != AUX_KEY}, params[AUX_KEY]
+  return params, None
+
+
+def target_velocity(cfg, teacher, x: Array, t: Array, v_cond: Array,
+                    cond: Array | None = None) -> Array:
+  """The ODE velocity a tangent follows: ``cfg.velocity = 'conditional'`` (``v(x_t | x_0)``,
+  training from scratch) or ``'teacher'`` (the frozen teacher's velocity, guided as bound by the
+  train loop), always under ``stop_gradient``."""
+  if cfg.velocity == "conditional":
+    return jax.lax.stop_gradient(v_cond)
+  if cfg.velocity == "teacher":
+    if teacher is None:
+      raise ValueError("velocity='teacher' needs a teacher (set teacher.workdir)")
+    return jax.lax.stop_gradient(teacher(x, t, t, cond)).astype(x.dtype)
+  raise ValueError(f"velocity must be 'conditional' or 'teacher', got {cfg.velocity!r}")
+
+
+def require(cfg, *, param: str | None = None, path: str | None = None, method: str = "") -> None:
+  """Raise a one-line error if the config's parameterisation or path is not the method's."""
+  if param is not None and cfg.param != param:
+    raise ValueError(f"{method} is written for param={param!r}, got {cfg.param!r}")
+  if path is not None and cfg.path != path:
+    raise ValueError(f"{method} is written for path={path!r}, got {cfg.path!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StripAux:
+  """A network that ignores ``params[AUX_KEY]``: what the train loop builds for methods with
+  ``aux_init``, so sampling and evaluation call it with the full parameter tree. Hashable."""
+  net: Any
+
+  def __call__(self, params, x, t, s, cond=None):
+    return self.net(split_aux(params)[0], x, t, s, cond)
+
+
+def with_aux(net, params, aux):
+  """``(StripAux(net), params + {AUX_KEY: aux})``."""
+  return StripAux(net), {**params, AUX_KEY: aux}

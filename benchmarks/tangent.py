@@ -1,0 +1,207 @@
+r"""Tangent family benchmark: train-step cost relative to flow matching, and quality vs NFE.
+
+    python benchmarks/tangent.py speed                       # small DiT, every method vs FM
+    python benchmarks/tangent.py quality --teacher runs/fm_checkerboard \
+        --runs runs/toy_checkerboard [--train]               # 2-D toys, students vs teacher
+
+``speed``: one jitted train step (loss, gradient, Adam update) of each method on the same DiT
+(``--depth 4 --width 256``, 32x32x3 images with patch 2 = 256 tokens) and batch; distillation
+methods call a frozen DiT teacher. Reports compiled FLOPs (``cost_analysis``), peak temporary
+memory (``memory_analysis().temp_size_in_bytes``) and the median wall time, each relative to
+flow matching measured in the same run. Extra rows: MeanFlow with the tangent NOT under
+``stop_gradient`` (what the fused JVP avoids), and with a separate EMA target (one more
+forward pass).
+
+``quality``: ``fmdistill.eval.report.evaluate_runs`` on the teacher run and every student run
+found under ``--runs`` (``--train`` first trains the missing ones with
+``experiments/toy2d.py:<method>``), then a table of sliced W2 at 1/2/4 NFE against the
+teacher's 64-NFE value and the data-vs-data floor.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fmdistill import flowmap, models, objectives, paths  # noqa: E402
+from fmdistill.config import base  # noqa: E402
+from fmdistill.objectives import _common  # noqa: E402
+
+METHODS = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
+           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self")
+
+
+def machine() -> str:
+  dev = jax.devices()[0]
+  return (f"{platform.node()} | {platform.processor() or platform.machine()} | "
+          f"{os.cpu_count()} CPUs visible | jax {jax.__version__} | {dev.platform}:"
+          f" {dev.device_kind}")
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def _dit(args):
+  c = base("flow_matching").model
+  c.name, c.width, c.depth, c.heads, c.patch = "dit", args.width, args.depth, args.heads, 2
+  c.time_scale, c.dtype = 1.0, args.dtype
+  shape = (args.image, args.image, 3)
+  net, params = models.build(c, shape, 0, jax.random.key(0))
+  return net, params, shape
+
+
+def _step(name, net, params, teacher, batch, *, target_ema="", variant=""):
+  """A jitted ``(params, opt_state, ema) -> (params, opt_state, loss)`` train step."""
+  entry = objectives.entry(name)
+  cfg = objectives.default_config(name)
+  cfg.target_ema = target_ema
+  if entry.aux_init is not None:
+    params = {**params, _common.AUX_KEY: entry.aux_init(jax.random.key(1), cfg)}
+  opt = optax.adam(1e-4)
+  loss_fn = entry.loss if not variant else _meanflow_no_stop_gradient
+
+  def step(p, o, ema):
+    def objective(q):
+      return loss_fn(q, batch, jax.random.key(2), net=net, teacher=teacher,
+                     ema_params=jax.lax.stop_gradient(ema), step=10 ** 6, cfg=cfg)[0]
+    loss, g = jax.value_and_grad(objective)(p)
+    upd, o = opt.update(g, o, p)
+    return optax.apply_updates(p, upd), o, loss
+  ema = jax.tree_util.tree_map(lambda a: a * 0.999, params) if target_ema else params
+  return jax.jit(step), (params, opt.init(params), ema)
+
+
+def _meanflow_no_stop_gradient(params, batch, key, *, net, cfg, **_):
+  """MeanFlow with the tangent left differentiable (the cost the stop-gradient avoids)."""
+  from fmdistill.objectives import _tangent
+  path = _common.path_of(cfg)
+  x0 = batch["x"]
+  kt, kn = jax.random.split(key)
+  t, s = _tangent.sample_pairs(kt, x0.shape[0], cfg, path)
+  x_t, _, v = _common.noisy(kn, x0, t, path)
+  u, du = jax.jvp(lambda x_, t_: net(params, x_, t_, s), (x_t, t), (v, jnp.ones_like(t)))
+  err = _common.mean_sq(u - (v - paths.bcast(t - s, du) * du))
+  return jnp.mean(err), {}
+
+
+def _measure(fn, state, reps):
+  compiled = fn.lower(*state).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis().temp_size_in_bytes
+  out = compiled(*state)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*state))
+    times.append(time.perf_counter() - t0)
+  return float(cost.get("flops", np.nan)), mem, float(np.median(times))
+
+
+def speed(args) -> str:
+  net, params, shape = _dit(args)
+  _, tparams, _ = _dit(args)
+  tparams = jax.tree_util.tree_map(lambda a: a + 0.01, tparams)  # a different, frozen net
+  batch = {"x": jax.random.normal(jax.random.key(3), (args.batch,) + shape)}
+  rows = [("flow_matching", {}), *[(m, {}) for m in METHODS],
+          ("meanflow", dict(variant="no_stop_gradient")), ("meanflow", dict(target_ema="ema"))]
+  results = []
+  for name, kw in rows:
+    cfg = objectives.default_config(name)
+    path = paths.get_path(cfg.path, cfg.sigma_d)
+    teacher = flowmap.teacher_network(net, tparams, flowmap.Parameterization("displacement"),
+                                      paths.linear(), path)
+    fn, state = _step(name, net, params, teacher, batch, **kw)
+    flops, mem, sec = _measure(fn, state, args.reps)
+    label = name + (f" ({kw.get('variant') or 'EMA target'})" if kw else "")
+    results.append((label, flops, mem, sec))
+    print(f"  measured {label}: {sec * 1e3:.0f} ms", file=sys.stderr, flush=True)
+  f0, m0, s0 = results[0][1:]
+  lines = [f"DiT depth {args.depth}, width {args.width}, heads {args.heads}, "
+           f"{(args.image // 2) ** 2} tokens, batch {args.batch}, {args.dtype}; median of "
+           f"{args.reps} steps after compilation.", "",
+           "| method | GFLOP/step | x FM | temp MiB | x FM | ms/step | x FM |",
+           "|---|---|---|---|---|---|---|"]
+  for label, f, m, s in results:
+    lines.append(f"| {label} | {f / 1e9:.1f} | {f / f0:.2f} | {m / 2 ** 20:.0f} | {m / m0:.2f} "
+                 f"| {s * 1e3:.0f} | {s / s0:.2f} |")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def quality(args) -> str:
+  from fmdistill import train
+  from fmdistill.eval import report
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import toy2d
+  runs = {"teacher": args.teacher}
+  for m in args.methods.split(","):
+    wd = os.path.join(args.runs, m)
+    if args.train and not os.path.exists(os.path.join(wd, "config.json")):
+      c = toy2d.method_config(m, args.toy)
+      if objectives.entry(m).needs_teacher:
+        c.teacher.workdir = args.teacher
+      train.train_and_evaluate(c, wd, progress=False)
+    if os.path.exists(os.path.join(wd, "checkpoints")):
+      runs[m] = wd
+  res = report.evaluate_runs(runs, args.out or os.path.join(args.runs, "report"))
+  floor = res["noise_floor"]["sliced_w2"]
+  t = res["runs"]["teacher"]["nfe"]
+  t64 = t.get(64, t.get("64"))["sliced_w2"]
+  lines = [f"Toy {args.toy}: sliced W2 to held-out data ({res['num_samples']} samples); "
+           f"floor (data vs data) {floor:.4f}; teacher (Euler) "
+           + ", ".join(f"{k} NFE {v['sliced_w2']:.4f}" for k, v in t.items())
+           + ".", "",
+           "| student | steps | 1 NFE | 2 NFE | 4 NFE | 1 NFE / teacher@64 | 2 NFE / teacher@64 |",
+           "|---|---|---|---|---|---|---|"]
+  from fmdistill import checkpoint
+  for name, r in res["runs"].items():
+    if name == "teacher":
+      continue
+    q = {int(k): v["sliced_w2"] for k, v in r["nfe"].items()}
+    steps = checkpoint.read_config(r["workdir"]).train.steps
+    lines.append(f"| {name} | {steps} | {q[1]:.4f} | {q[2]:.4f} | {q[4]:.4f} | {q[1] / t64:.2f} "
+                 f"| {q[2] / t64:.2f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest="part", required=True)
+  s = sub.add_parser("speed")
+  s.add_argument("--depth", type=int, default=4)
+  s.add_argument("--width", type=int, default=256)
+  s.add_argument("--heads", type=int, default=4)
+  s.add_argument("--image", type=int, default=32)
+  s.add_argument("--batch", type=int, default=16)
+  s.add_argument("--dtype", default="float32")
+  s.add_argument("--reps", type=int, default=5)
+  q = sub.add_parser("quality")
+  q.add_argument("--teacher", required=True)
+  q.add_argument("--runs", required=True)
+  q.add_argument("--toy", default="checkerboard")
+  q.add_argument("--methods", default=",".join(("direct_distill",) + METHODS))
+  q.add_argument("--train", action="store_true")
+  q.add_argument("--out", default="")
+  args = p.parse_args()
+  print(f"machine: {machine()}")
+  print(f"command: python {' '.join(sys.argv)}")
+  print()
+  print(speed(args) if args.part == "speed" else quality(args))
+
+
+if __name__ == "__main__":
+  main()
