@@ -8,9 +8,9 @@ r"""Tangent family benchmark: train-step cost relative to flow matching, and qua
 (``--depth 4 --width 256``, 32x32x3 images with patch 2 = 256 tokens) and batch; distillation
 methods call a frozen DiT teacher. Reports compiled FLOPs (``cost_analysis``), peak temporary
 memory (``memory_analysis().temp_size_in_bytes``) and the median wall time, each relative to
-flow matching measured in the same run (steps timed in interleaved rounds). Extra rows: MeanFlow with the tangent NOT under
-``stop_gradient`` (what the fused JVP avoids), and with a separate EMA target (one more
-forward pass).
+flow matching measured in the same run (steps timed in interleaved rounds). Extra rows:
+MeanFlow with the tangent NOT under ``stop_gradient`` (what the fused JVP avoids), and with a
+separate EMA target (one more forward pass).
 
 ``quality``: ``fmdistill.eval.report.evaluate_runs`` on the teacher run and every student run
 found under ``--runs`` (``--train`` first trains the missing ones with
