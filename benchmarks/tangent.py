@@ -8,9 +8,9 @@ r"""Tangent family benchmark: train-step cost relative to flow matching, and qua
 (``--depth 4 --width 256``, 32x32x3 images with patch 2 = 256 tokens) and batch; distillation
 methods call a frozen DiT teacher. Reports compiled FLOPs (``cost_analysis``), peak temporary
 memory (``memory_analysis().temp_size_in_bytes``) and the median wall time, each relative to
-flow matching measured in the same run. Extra rows: MeanFlow with the tangent NOT under
-``stop_gradient`` (what the fused JVP avoids), and with a separate EMA target (one more
-forward pass).
+flow matching measured in the same run (steps timed in interleaved rounds). Extra rows:
+MeanFlow with the tangent NOT under ``stop_gradient`` (what the fused JVP avoids), and with a
+separate EMA target (one more forward pass).
 
 ``quality``: ``fmdistill.eval.report.evaluate_runs`` on the teacher run and every student run
 found under ``--runs`` (``--train`` first trains the missing ones with
@@ -94,19 +94,25 @@ def _meanflow_no_stop_gradient(params, batch, key, *, net, cfg, **_):
   return jnp.mean(err), {}
 
 
-def _measure(fn, state, reps):
+def _compile(fn, state):
+  """``(compiled, GFLOP-count, peak temp bytes)``; one warm call to allocate buffers."""
   compiled = fn.lower(*state).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis().temp_size_in_bytes
-  out = compiled(*state)
-  jax.block_until_ready(out)
-  times = []
+  jax.block_until_ready(compiled(*state))
+  return compiled, float(cost.get("flops", np.nan)), compiled.memory_analysis().temp_size_in_bytes
+
+
+def _time_round_robin(items, reps):
+  """Median seconds per step of each ``(compiled, state)``, timed in interleaved rounds so
+  that drift in the machine's speed affects every method alike."""
+  times = [[] for _ in items]
   for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*state))
-    times.append(time.perf_counter() - t0)
-  return float(cost.get("flops", np.nan)), mem, float(np.median(times))
+    for i, (compiled, state) in enumerate(items):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*state))
+      times[i].append(time.perf_counter() - t0)
+  return [float(np.median(t)) for t in times]
 
 
 def speed(args) -> str:
@@ -116,21 +122,24 @@ def speed(args) -> str:
   batch = {"x": jax.random.normal(jax.random.key(3), (args.batch,) + shape)}
   rows = [("flow_matching", {}), *[(m, {}) for m in METHODS],
           ("meanflow", dict(variant="no_stop_gradient")), ("meanflow", dict(target_ema="ema"))]
-  results = []
+  results, items = [], []
   for name, kw in rows:
     cfg = objectives.default_config(name)
     path = paths.get_path(cfg.path, cfg.sigma_d)
     teacher = flowmap.teacher_network(net, tparams, flowmap.Parameterization("displacement"),
                                       paths.linear(), path)
     fn, state = _step(name, net, params, teacher, batch, **kw)
-    flops, mem, sec = _measure(fn, state, args.reps)
+    compiled, flops, mem = _compile(fn, state)
     label = name + (f" ({kw.get('variant') or 'EMA target'})" if kw else "")
-    results.append((label, flops, mem, sec))
-    print(f"  measured {label}: {sec * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    results.append((label, flops, mem))
+    items.append((compiled, state))
+    print(f"  compiled {label}", file=sys.stderr, flush=True)
+  secs = _time_round_robin(items, args.reps)
+  results = [r + (s,) for r, s in zip(results, secs)]
   f0, m0, s0 = results[0][1:]
   lines = [f"DiT depth {args.depth}, width {args.width}, heads {args.heads}, "
            f"{(args.image // 2) ** 2} tokens, batch {args.batch}, {args.dtype}; median of "
-           f"{args.reps} steps after compilation.", "",
+           f"{args.reps} interleaved rounds after compilation.", "",
            "| method | GFLOP/step | x FM | temp MiB | x FM | ms/step | x FM |",
            "|---|---|---|---|---|---|---|"]
   for label, f, m, s in results:

@@ -11,12 +11,13 @@ where ``(u, du/dt) = jax.jvp(u_theta, (x_t, t, s), (v, 1, 0))`` is ONE call of t
 loss is differentiated through its primal output only, the tangent is under
 ``stop_gradient`` (so no second-order terms). ``v`` is the conditional velocity
 ``eps - x_0`` (``meanflow``, training from scratch) or a frozen teacher's
-(``meanflow_distill``). ``w = sg(1 / (||Delta||^2 + c)^p)`` is the adaptive L2 weight (paper
-Sec. 4.3, p = 1, c = 1e-3). A fraction ``equal_ratio`` of pairs has ``s = t`` (the paper's best
-is 25% with ``r != t``, i.e. ``equal_ratio = 0.75``); ``(t, s)`` are logit-normal(-0.4, 1).
+(``meanflow_distill``). ``w = sg(1 / (||Delta||^2 + c)^p)`` is the adaptive L2 weight (the
+paper's "adaptive loss weighting", p = 1, c = 1e-3). A fraction ``equal_ratio`` of pairs has
+``s = t`` (the paper's best is 25% with ``r != t``, i.e. ``equal_ratio = 0.75``); ``(t, s)`` are
+logit-normal(-0.4, 1).
 
-Classifier-free guidance is folded into the target velocity (paper Sec. 4.2, eq. 21 with the
-``kappa`` mixing of its appendix): ``v~ = omega v + kappa u^-(x_t, t, t | c)
+Classifier-free guidance is folded into the target velocity (the paper's guidance section,
+with the ``kappa`` mixing of its appendix): ``v~ = omega v + kappa u^-(x_t, t, t | c)
 + (1 - omega - kappa) u^-(x_t, t, t | null)`` for labelled examples (``v`` for dropped labels).
 
 Deviation: ``||Delta||^2`` is the per-example *mean* over dimensions (``c`` is then size

@@ -87,7 +87,8 @@ def _points(key, n, path, s_zero=False):
 
 
 def _close(a, b, tol=2e-4):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol * (1 + float(jnp.max(jnp.abs(b)))))
+  scale = 1 + float(jnp.max(jnp.abs(b)))
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol * scale)
 
 
 def test_scm_tangent_is_cos_t_times_the_time_derivative_of_the_map():
