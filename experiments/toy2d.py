@@ -19,8 +19,8 @@ def _parse(arg: str) -> tuple[str, dict]:
 
 # the tangent family (issue 4): flow maps trained through jax.jvp time derivatives
 TANGENT = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
-           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self")
-CONSISTENCY = ("scm_ct", "scm_cd", "facm")  # maps to s = 0 only: multistep re-noises (gamma=1)
+           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self", "rcm")
+CONSISTENCY = ("scm_ct", "scm_cd", "facm", "rcm")  # maps to s = 0 only: multistep re-noises (gamma=1)
 
 
 def tangent_config(c):
@@ -49,6 +49,10 @@ def method_config(method: str, toy: str = "checkerboard"):
     c.train.warmup_steps = 0
     c.objective.pair_steps = 4
     c.teacher.pair_num = 16384
+  if method in ("dmd", "rcm"):  # the fake-score critic's optimiser (5:1 updates for DMD)
+    c.critic.update(lr=1e-3, schedule="constant", warmup_steps=0)
+  if method == "dmd":
+    c.train.update(steps=1500, lr=2e-4, warmup_steps=0)
   if method in TANGENT:
     tangent_config(c)
   return c
