@@ -5,7 +5,7 @@
   classifier-free guidance through ``--config.teacher.guidance``).
 * any tangent-family method (``scm_ct``, ``scm_cd``, ``meanflow``, ``meanflow_distill``,
   ``ayf_emd``, ``ayf_lmd``, ``facm``, ``fmm_forward``, ``fmm_backward``, ``fmm_forward_self``,
-  ``fmm_backward_self``) or ``direct_distill``; distillation methods need
+  ``fmm_backward_self``, ``rcm``), ``dmd`` or ``direct_distill``; distillation methods need
   ``--config.teacher.workdir=<a finished digits flow_matching run>``.
 
 Images are in [-1, 1] (``sigma_d = 0.5`` for TrigFlow, as sCM uses for such data); quality is
@@ -15,8 +15,8 @@ the same data (``fmdistill.eval.report``).
 from fmdistill import config as config_lib
 
 TANGENT = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
-           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self")
-CONSISTENCY = ("scm_ct", "scm_cd", "facm")
+           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self", "rcm")
+CONSISTENCY = ("scm_ct", "scm_cd", "facm", "rcm")
 
 
 def method_config(method: str):
@@ -36,6 +36,10 @@ def method_config(method: str):
     c.train.steps = 3000
     c.teacher.pair_num = 8192
     c.teacher.pair_chunk = 1024
+  if method in ("dmd", "rcm"):
+    c.critic.update(lr=2e-4, schedule="constant", warmup_steps=0)
+  if method == "dmd":
+    c.train.update(steps=3000, lr=1e-4, warmup_steps=0)
   if method in TANGENT:
     c.model.time_scale = 1.0          # smooth time embedding (see TANGENT_NOTES.md)
     c.teacher.init_student = False    # the teacher's time embedding uses the default scale

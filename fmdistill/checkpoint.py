@@ -130,32 +130,33 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def load_state(workdir: str, step: int | None = None) -> dict:
+  """A run's stored train state as a nested dict (``step``, ``params``, ``ema``,
+  ``opt_state``, ``key``, critic fields, ...), read by its own metadata onto one device."""
+  mngr = manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"run {workdir!r} has no checkpoint under {workdir}/checkpoints")
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                                  mngr.item_metadata(step)["state"])
+  return mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))["state"]
+
+
 def load_params(workdir: str, which: str = "params") -> tuple[ml_collections.ConfigDict, Any, Any]:
   """Load a run's network and parameters: ``(config, net, params)``.
 
-  ``which`` is ``'params'`` (the raw weights) or an EMA name such as ``'ema_0.999'``. The
-  checkpoint is read as stored (its own metadata gives the structure), so runs with critics or
-  other auxiliary state load the same way.
+  ``which`` is ``'params'`` (the raw weights) or an EMA name such as ``'ema_0.999'``. Runs with
+  critics or other auxiliary state load the same way (``load_state``).
   """
   from fmdistill import train  # local import: train imports this module
   config = read_config(workdir)
-  mngr = manager(workdir, read_only=True)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"run {workdir!r} has no checkpoint under {workdir}/checkpoints")
+  state = load_state(workdir)
   net, _ = train.abstract_state(config)
-  meta = mngr.item_metadata(step)["state"]
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_one_device()), meta)
-  state = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))["state"]
   if which == "params":
     return config, net, state["params"]
   if which not in state["ema"]:
     raise ValueError(f"run {workdir!r} has no EMA {which!r}; it has {sorted(state['ema'])} "
                      "and 'params'")
   return config, net, state["ema"][which]
-
-
-def _one_device():
-  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -9,6 +9,6 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def root() -> str:
   return ROOT

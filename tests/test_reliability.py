@@ -30,10 +30,7 @@ def _env(root):
 
 
 def _final_state(wd):
-  config = checkpoint.read_config(str(wd))
-  _, target = train.abstract_state(config)
-  mngr = checkpoint.manager(str(wd), read_only=True)
-  return checkpoint.restore(mngr, mngr.latest_step(), target)
+  return checkpoint.load_state(str(wd))
 
 
 def _assert_identical(a, b):
@@ -55,15 +52,29 @@ def _wait_for_checkpoint(wd, at_least, proc, timeout=120):
   raise TimeoutError("no checkpoint appeared")
 
 
-@pytest.mark.parametrize("method", ["flow_matching"])
-def test_sigkill_then_rerun_is_bit_identical(root, tmp_path, method):
-  steps = ["--config.train.steps=80"]
+@pytest.fixture(scope="module")
+def tiny_teacher(root, tmp_path_factory):
+  """A finished (tiny) flow-matching run for the distillation methods."""
+  wd = tmp_path_factory.mktemp("teacher") / "fm"
+  r = subprocess.run(_cmd(wd, "--config.train.steps=10"), cwd=root, env=_env(root),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return str(wd)
+
+
+@pytest.mark.parametrize("method", ["flow_matching", "meanflow", "dmd"])
+def test_sigkill_then_rerun_is_bit_identical(root, tmp_path, method, request):
+  """FM, a tangent-family method (one jvp per step) and a method with a critic (alternating
+  updates, two optimisers): killed at a random step, rerun, identical to an uninterrupted run."""
+  steps = ["--config.train.steps=60"]
+  if method == "dmd":
+    steps.append(f"--config.teacher.workdir={request.getfixturevalue('tiny_teacher')}")
   ref = subprocess.run(_cmd(tmp_path / "ref", *steps, method=method), cwd=root, env=_env(root),
                        capture_output=True, text=True, timeout=300)
   assert ref.returncode == 0, ref.stderr[-2000:]
   wd = tmp_path / "killed"
   rng = np.random.default_rng(int(time.time()))
-  kill_after = int(rng.integers(10, 60))
+  kill_after = int(rng.integers(10, 45))
   p = subprocess.Popen(_cmd(wd, *steps, method=method), cwd=root, env=_env(root),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _wait_for_checkpoint(str(wd), kill_after, p)
@@ -74,8 +85,10 @@ def test_sigkill_then_rerun_is_bit_identical(root, tmp_path, method):
                          capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
   a, b = _final_state(tmp_path / "ref"), _final_state(wd)
-  assert int(a.step) == int(b.step) == 80
-  _assert_identical(a, b)  # params, EMA, optimiser state, RNG key, counters
+  assert int(a["step"]) == int(b["step"]) == 60
+  _assert_identical(a, b)  # params, EMA, optimiser states (critic too), RNG key, counters
+  if method == "dmd":
+    assert "critic_params" in a and "critic_opt_state" in a
 
 
 def test_sigterm_saves_and_exits_zero(root, tmp_path):
@@ -145,11 +158,11 @@ def test_consecutive_non_finite_steps_stop_with_a_saved_checkpoint(tmp_path, mon
   mngr = checkpoint.manager(wd, read_only=True)
   assert mngr.latest_step() == 16
   saved = _final_state(wd)
-  assert int(saved.skipped) == 4
+  assert int(saved["skipped"]) == 4
   _, good = train.train_and_evaluate(tiny(steps=50), str(tmp_path / "g"), progress=False,
                                      stop_after=12)
-  _assert_identical(good.params, saved.params)  # the last good parameters, untouched
-  assert bool(jnp.all(jnp.isfinite(jax.flatten_util.ravel_pytree(saved.params)[0])))
+  _assert_identical(good.params, saved["params"])  # the last good parameters, untouched
+  assert bool(jnp.all(jnp.isfinite(jax.flatten_util.ravel_pytree(saved["params"])[0])))
 
 
 BAD_INPUTS = [
