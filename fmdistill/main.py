@@ -87,7 +87,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
+  from fmdistill import parallel
   from fmdistill.errors import Preempted
+  parallel.initialize()  # multi-process jobs: before anything touches the devices
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value,
         _OVERWRITE.value, _EVAL.value)
