@@ -41,7 +41,7 @@ def method_config(method: str):
   if method == "dmd":
     c.train.update(steps=3000, lr=1e-4, warmup_steps=0)
   if method in TANGENT:
-    c.model.time_scale = 1.0          # smooth time embedding (see TANGENT_NOTES.md)
+    c.model.time_scale = 1.0          # smooth time embedding (see docs/tangent.md)
     c.teacher.init_student = False    # the teacher's time embedding uses the default scale
     if "tangent_warmup" in c.objective:
       c.objective.tangent_warmup = 1000

@@ -24,7 +24,7 @@ CONSISTENCY = ("scm_ct", "scm_cd", "facm", "rcm")  # maps to s = 0 only: multist
 
 
 def tangent_config(c):
-  """Shared settings of the tangent family on the toys (see TANGENT_NOTES.md)."""
+  """Shared settings of the tangent family on the toys (see docs/tangent.md)."""
   c.model.time_scale = 1.0        # smooth time embedding: d/dt of sin(1000 t) swamps tangents
   c.teacher.init_student = False  # the FM teacher's time embedding is scaled by 1000
   if "tangent_warmup" in c.objective:

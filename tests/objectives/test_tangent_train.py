@@ -1,7 +1,7 @@
 """Every tangent-family method trains a small MLP to the exact flow map of a 2-D Gaussian.
 
 A width-64, depth-2 MLP (``model.time_scale = 1``: tangent methods need a smooth time
-embedding, see TANGENT_NOTES.md), 400 Adam steps of batch 256, the exact Gaussian velocity as
+embedding, see docs/tangent.md), 400 Adam steps of batch 256, the exact Gaussian velocity as
 the teacher. Measured: the 1-step map from noise at ``t = T`` to data, against the exact map on
 2000 fixed noises (RMSE; the data's own RMS spread is ~0.57, the untrained identity map is
 ~1.3 off). Tolerances are per method, about 2x what was measured when they were set.
