@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fmdistill import parallel
+
 
 def manager(workdir: str, keep: int = 3, every: int = 1, read_only: bool = False
             ) -> ocp.CheckpointManager:
@@ -47,18 +49,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   return out["state"]
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _shapes(tree: Any) -> dict[str, tuple]:
   """``{'params/fc0a/kernel': shape}`` for every array leaf (dataclass or dict nodes alike)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path): tuple(getattr(v, "shape", ()))
-          for path, v in leaves}
+  return {parallel.path_str(path): tuple(getattr(v, "shape", ())) for path, v in leaves}
 
 
 def mismatches(mngr: ocp.CheckpointManager, step: int, target: Any) -> list[str]:

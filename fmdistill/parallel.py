@@ -75,7 +75,9 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence | None = None) -
   return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
-def _path(keypath) -> str:
+def path_str(keypath) -> str:
+  """A pytree key path as ``'params/block0/qkv/kernel'`` (dict keys, dataclass fields and
+  sequence indices alike): what partition rules match and checkpoint messages name."""
   parts = []
   for k in keypath:
     for attr in ("key", "name", "idx"):
@@ -116,7 +118,7 @@ def state_shardings(tree: Any, mesh: Mesh, cfg: ml_collections.ConfigDict) -> An
   """A ``NamedSharding`` for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
   rules = tuple(tuple(r) for r in cfg.rules) or DEFAULT_RULES
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: NamedSharding(mesh, spec_for(_path(kp), tuple(np.shape(x)), mesh, rules,
+      lambda kp, x: NamedSharding(mesh, spec_for(path_str(kp), tuple(np.shape(x)), mesh, rules,
                                                  cfg.fsdp_min_size)), tree)
 
 

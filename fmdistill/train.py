@@ -147,8 +147,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
       (lc, _), g = jax.value_and_grad(loss_c, has_aux=True)(cp)
       upd, copt2 = critic_opt.update(g, copt, cp)
       ok = jnp.isfinite(lc) & _all_finite(g)
-      keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-      return (keep(optax.apply_updates(cp, upd), cp), keep(copt2, copt)), lc
+      return (_select(ok, optax.apply_updates(cp, upd), cp), _select(ok, copt2, copt)), lc
     run = lambda c: jax.lax.scan(one, c, jax.random.split(key, spec.updates))
     carry = (state.critic_params, state.critic_opt_state)
     (cp, copt), losses = jax.lax.cond(
@@ -176,11 +175,10 @@ def make_train_step(config: ml_collections.ConfigDict, net: models.Network,
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & _all_finite(grads)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_ema = update_ema(state.ema, params, state.step, t)
     state = state.replace(
-        step=state.step + 1, key=key, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state), ema=keep(new_ema, state.ema),
+        step=state.step + 1, key=key, params=_select(ok, params, state.params),
+        opt_state=_select(ok, opt_state, state.opt_state), ema=_select(ok, new_ema, state.ema),
         skipped=state.skipped + (~ok), consecutive_skips=jnp.where(ok, 0,
                                                                    state.consecutive_skips + 1))
     metrics.update({k: v for k, v in aux.items()})
@@ -231,6 +229,11 @@ class TrainStep:
 def _copy(tree):
   """Fresh buffers (the step donates its state, so no two leaves may share one)."""
   return jax.tree_util.tree_map(jnp.array, tree)
+
+
+def _select(ok: Array, new, old):
+  """``new`` where ``ok`` else ``old``, leaf by leaf (the non-finite guard's update skip)."""
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def _all_finite(tree) -> Array:
