@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fmdistill import config as config_lib, models, parallel, train  # noqa: E402
+from fmdistill import config as config_lib, models, parallel, state as state_lib  # noqa: E402
+from fmdistill import step as step_lib  # noqa: E402
 
 MESHES = [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)]
 
@@ -52,7 +53,8 @@ def main():
   shape = (args.image, args.image, 3)
   with c.unlocked():
     c.data_shape = list(shape)
-  net, state = train.init_state(c, shape, 0)
+  net, params = state_lib.build_network(c, shape, 0, jax.random.PRNGKey(0))
+  state = state_lib.init_state(c, params, {}, jax.random.PRNGKey(1))
   rng = np.random.default_rng(0)
   batch = {"x": rng.standard_normal((args.batch,) + shape).astype(np.float32)}
   print(f"machine: {cpu_name()}, {os.cpu_count()} cores, "
@@ -71,8 +73,8 @@ def main():
     c.mesh.update(data=shape_[0], fsdp=shape_[1], tensor=shape_[2], fsdp_min_size=2 ** 12)
     mesh = parallel.make_mesh(c.mesh)
     sh = parallel.state_shardings(state, mesh, c.mesh)
-    step = train.make_train_step(c, net, None, (mesh, sh, None))
-    st = jax.device_put(train._copy(state), sh)
+    step = step_lib.make_train_step(c, net, None, (mesh, sh, None))
+    st = jax.device_put(state_lib.copy(state), sh)
     gb = parallel.global_batch(batch, mesh, args.batch)
     st, m = step(st, gb, None)
     jax.block_until_ready(st)

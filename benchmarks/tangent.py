@@ -33,7 +33,7 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fmdistill import flowmap, models, objectives, paths  # noqa: E402
+from fmdistill import flowmap, models, objectives, paths, runs  # noqa: E402
 from fmdistill.config import base  # noqa: E402
 from fmdistill.objectives import _common  # noqa: E402
 
@@ -54,7 +54,7 @@ def machine() -> str:
 def _dit(args):
   c = base("flow_matching").model
   c.name, c.width, c.depth, c.heads, c.patch = "dit", args.width, args.depth, args.heads, 2
-  c.time_scale, c.dtype = 1.0, args.dtype
+  c.dtype = args.dtype
   shape = (args.image, args.image, 3)
   net, params = models.build(c, shape, 0, jax.random.key(0))
   return net, params, shape
@@ -65,15 +65,19 @@ def _step(name, net, params, teacher, batch, *, target_ema="", variant=""):
   entry = objectives.entry(name)
   cfg = objectives.default_config(name)
   cfg.target_ema = target_ema
-  if entry.aux_init is not None:
-    params = {**params, _common.AUX_KEY: entry.aux_init(jax.random.key(1), cfg)}
+  import types
+  ctx = types.SimpleNamespace(config=types.SimpleNamespace(objective=cfg))
+  parts = {n: p.init(jax.random.key(1), ctx) for n, p in entry.parts_for(cfg).items()
+           if p.joint}  # jointly trained parts (sCM's weighting) train with the network
+  params = (params, parts)
   opt = optax.adam(1e-4)
   loss_fn = entry.loss if not variant else _meanflow_no_stop_gradient
 
   def step(p, o, ema):
     def objective(q):
-      return loss_fn(q, batch, jax.random.key(2), net=net, teacher=teacher,
-                     ema_params=jax.lax.stop_gradient(ema), step=10 ** 6, cfg=cfg)[0]
+      return loss_fn(q[0], batch, jax.random.key(2), net=net, teacher=teacher,
+                     ema_params=jax.lax.stop_gradient(ema[0]), step=10 ** 6, cfg=cfg,
+                     **q[1])[0]
     loss, g = jax.value_and_grad(objective)(p)
     upd, o = opt.update(g, o, p)
     return optax.apply_updates(p, upd), o, loss
@@ -83,11 +87,10 @@ def _step(name, net, params, teacher, batch, *, target_ema="", variant=""):
 
 def _meanflow_no_stop_gradient(params, batch, key, *, net, cfg, **_):
   """MeanFlow with the tangent left differentiable (the cost the stop-gradient avoids)."""
-  from fmdistill.objectives import _tangent
   path = _common.path_of(cfg)
   x0 = batch["x"]
   kt, kn = jax.random.split(key)
-  t, s = _tangent.sample_pairs(kt, x0.shape[0], cfg, path)
+  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
   x_t, _, v = _common.noisy(kn, x0, t, path)
   u, du = jax.jvp(lambda x_, t_: net(params, x_, t_, s), (x_t, t), (v, jnp.ones_like(t)))
   err = _common.mean_sq(u - (v - paths.bcast(t - s, du) * du))
@@ -176,12 +179,11 @@ def quality(args) -> str:
            + ".", "",
            "| student | steps | 1 NFE | 2 NFE | 4 NFE | 1 NFE / teacher@64 | 2 NFE / teacher@64 |",
            "|---|---|---|---|---|---|---|"]
-  from fmdistill import checkpoint
   for name, r in res["runs"].items():
     if name == "teacher":
       continue
     q = {int(k): v["sliced_w2"] for k, v in r["nfe"].items()}
-    steps = checkpoint.read_config(r["workdir"]).train.steps
+    steps = runs.read_config(r["workdir"]).train.steps
     lines.append(f"| {name} | {steps} | {q[1]:.4f} | {q[2]:.4f} | {q[4]:.4f} | {q[1] / t64:.2f} "
                  f"| {q[2] / t64:.2f} |")
   return "\n".join(lines)

@@ -1,26 +1,23 @@
-"""Small-image experiments on scikit-learn's 8x8 digits (no download). Variants
-(``--config experiments/digits.py:<variant>``):
+"""Small-image experiments on scikit-learn's 8x8 digits (no download). Config strings
+(``--config experiments/digits.py:<method>,key=value``):
 
 * ``flow_matching``: the class-conditional DiT teacher (label dropout 0.1, so it supports
   classifier-free guidance through ``--config.teacher.guidance``).
-* any tangent-family method (``scm_ct``, ``scm_cd``, ``meanflow``, ``meanflow_distill``,
-  ``ayf_emd``, ``ayf_lmd``, ``facm``, ``fmm_forward``, ``fmm_backward``, ``fmm_forward_self``,
-  ``fmm_backward_self``, ``rcm``), ``dmd`` or ``direct_distill``; distillation methods need
-  ``--config.teacher.workdir=<a finished digits flow_matching run>``.
+* any registered method: distillation methods need ``--config.teacher.workdir=<a finished
+  digits flow_matching run>`` and start from the teacher's weights.
 
-Images are in [-1, 1] (``sigma_d = 0.5`` for TrigFlow, as sCM uses for such data); quality is
-reported as sliced W2 and a Frechet distance on the features of a small classifier trained on
-the same data (``fmdistill.eval.report``).
+Keys: ``steps`` (0 = the method's default budget), ``seed``. Images are in [-1, 1]
+(``sigma_d = 0.5`` for TrigFlow, as sCM uses for such data); quality is reported as sliced W2
+and a Frechet distance on the features of a small classifier trained on the same data
+(``fmdistill.eval.report``). Per-method settings come from the registry traits.
 """
-from fmdistill import config as config_lib
-
-TANGENT = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
-           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self", "rcm")
-CONSISTENCY = ("scm_ct", "scm_cd", "facm", "rcm")
+from fmdistill import config as config_lib, objectives
 
 
-def method_config(method: str):
+def method_config(method: str, steps: int = 0, seed: int = 0):
   c = config_lib.base(method)
+  entry = objectives.entry(method)
+  c.seed = seed
   c.data.name, c.data.conditional = "digits", True
   c.model.name, c.model.patch = "dit", 2
   c.model.width, c.model.depth, c.model.heads = 128, 4, 4
@@ -32,25 +29,23 @@ def method_config(method: str):
   c.eval.num_samples = 800
   if method == "flow_matching":
     c.objective.label_dropout = 0.1
-  if method == "direct_distill":
+  if entry.needs_pairs:
     c.train.steps = 3000
     c.teacher.pair_num = 8192
     c.teacher.pair_chunk = 1024
-  if method in ("dmd", "rcm"):
-    c.critic.update(lr=2e-4, schedule="constant", warmup_steps=0)
+  if "critic" in c.parts:
+    c.parts.critic.lr = 2e-4
   if method == "dmd":
     c.train.update(steps=3000, lr=1e-4, warmup_steps=0)
-  if method in TANGENT:
-    c.model.time_scale = 1.0          # smooth time embedding (see docs/tangent.md)
-    c.teacher.init_student = False    # the teacher's time embedding uses the default scale
-    if "tangent_warmup" in c.objective:
-      c.objective.tangent_warmup = 1000
-    if c.objective.path == "trigflow":
-      c.objective.sigma_d = 0.5
-    if method in CONSISTENCY:
-      c.eval.gamma = 1.0
+  if entry.tangent and "tangent_warmup" in c.objective:
+    c.objective.tangent_warmup = 1000
+  if c.objective.path == "trigflow":
+    c.objective.sigma_d = 0.5
+  if steps:
+    c.train.steps = steps
   return c
 
 
 def get_config(arg: str = "flow_matching"):
-  return method_config(arg or "flow_matching")
+  a = config_lib.parse_arg(arg, method="flow_matching", steps=0, seed=0)
+  return method_config(a.method, a.steps, a.seed)

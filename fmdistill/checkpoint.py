@@ -1,24 +1,25 @@
-"""Orbax checkpoints of the train state and loading of finished runs (teachers).
+"""Orbax checkpoints of the train state (``fmdistill.state.TrainState``).
 
 Layout of a workdir::
 
     workdir/config.json          the full config of the run
     workdir/checkpoints/<step>/  orbax CheckpointManager steps (item 'state')
     workdir/metrics.jsonl        one JSON object per logged step
+
+Reading finished runs (teachers, evaluation) is ``fmdistill.runs``.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from fmdistill import parallel
+from fmdistill.errors import CheckpointMismatchError
 
 
 def manager(workdir: str, keep: int = 3, every: int = 1, read_only: bool = False
@@ -74,7 +75,6 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any, workdir: str
   parameter shapes do not match the config stops with ``CheckpointMismatchError`` naming the
   paths, and nothing is moved or overwritten.
   """
-  from fmdistill.errors import CheckpointMismatchError
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       bad = mismatches(mngr, step, target)
@@ -106,51 +106,3 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int, workdir: str, err: Except
   first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
   print(f"warning: checkpoint step {step} is unreadable ({type(err).__name__}: {first}); "
         f"moved to {dest}, restoring an older one", file=sys.stderr)
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, "config.json"))
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no finished run at {workdir!r}: {path} does not exist")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_state(workdir: str, step: int | None = None) -> dict:
-  """A run's stored train state as a nested dict (``step``, ``params``, ``ema``,
-  ``opt_state``, ``key``, critic fields, ...), read by its own metadata onto one device."""
-  mngr = manager(workdir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"run {workdir!r} has no checkpoint under {workdir}/checkpoints")
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                                  mngr.item_metadata(step)["state"])
-  return mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))["state"]
-
-
-def load_params(workdir: str, which: str = "params") -> tuple[ml_collections.ConfigDict, Any, Any]:
-  """Load a run's network and parameters: ``(config, net, params)``.
-
-  ``which`` is ``'params'`` (the raw weights) or an EMA name such as ``'ema_0.999'``. Runs with
-  critics or other auxiliary state load the same way (``load_state``).
-  """
-  from fmdistill import train  # local import: train imports this module
-  config = read_config(workdir)
-  state = load_state(workdir)
-  net, _ = train.abstract_state(config)
-  if which == "params":
-    return config, net, state["params"]
-  if which not in state["ema"]:
-    raise ValueError(f"run {workdir!r} has no EMA {which!r}; it has {sorted(state['ema'])} "
-                     "and 'params'")
-  return config, net, state["ema"][which]

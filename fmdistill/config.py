@@ -1,27 +1,37 @@
 """The shape of an experiment config, and its validation.
 
 ``base(method)`` gives every field with a default; ``experiments/<dataset>.py`` files start
-from it and override. ``validate`` turns a bad value into one line naming the field and the
-accepted values, before anything is written to the workdir.
+from it and override (``parse_arg`` reads their big_vision-style ``method,key=value`` strings;
+``chain`` builds multi-stage configs). ``validate`` turns a bad value into one line naming the
+field and the accepted values, before anything is written to the workdir.
 """
 from __future__ import annotations
 
+import ast
+import math
+
+import jax
 import ml_collections
 
 from fmdistill import flowmap, models, objectives, parallel, paths, sampling
+from fmdistill.data import toy
 from fmdistill.errors import ConfigError
 
 _DATA = dict(name="toy", toy="checkerboard", num_examples=4096, conditional=False,
              tfds_name="", data_dir="", split="train", image_key="image", label_key="label",
              num_classes=0)
 _MODEL = dict(name="mlp", width=256, depth=3, dtype="float32", patch=2, heads=4,
-              mlp_ratio=4.0, attn_impl="auto", time_scale=1000.0)
+              mlp_ratio=4.0, attn_impl="auto", time_embedding="positional", time_scale=1.0,
+              native_param="", native_path="", native_sigma_d=0.0)
 _TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, schedule="cosine",
               final_lr=0.05, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
               ema_decays=(0.999,), ema_power=(), log_every=100, ckpt_every=500, keep=2,
               eval_every=0, max_consecutive_skips=50)
-_TEACHER = dict(workdir="", which="ema_0.999", guidance=1.0, init_student=True,
+_TEACHER = dict(workdir="", stage="", which="ema_0.999", guidance=1.0, init_student=True,
                 pair_cache="", pair_num=16384, pair_chunk=4096, pair_solver="heun", pair_nfe=64)
+# the optimiser and schedule of a trainable part (``config.parts.<name>``; objectives.Part)
+_PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9, b2=0.999,
+             weight_decay=0.0, grad_clip=1.0, every=1, updates=1, start=0, ema_decay=0.0)
 _EVAL = dict(num_samples=2000, teacher_nfe=(1, 2, 4, 8, 64), student_nfe=(1, 2, 4),
              solver="euler", gamma=0.0, which="ema_0.999", classifier_steps=600)
 
@@ -35,10 +45,58 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(_DATA)
   c.model = ml_collections.ConfigDict(_MODEL)
   c.train = ml_collections.ConfigDict(_TRAIN)
-  c.critic = ml_collections.ConfigDict(_TRAIN)   # optimiser of an auxiliary network, if any
+  c.parts = ml_collections.ConfigDict()
+  for name, part in objectives.entry(method).parts.items():
+    c.parts[name] = ml_collections.ConfigDict(dict(
+        _PART, every=part.every, updates=part.updates, start=part.start,
+        ema_decay=part.ema_decay, **dict(part.optimizer)))
   c.teacher = ml_collections.ConfigDict(_TEACHER)
   c.eval = ml_collections.ConfigDict(_EVAL)
+  c.eval.gamma = objectives.entry(method).eval_gamma
   c.mesh = parallel.mesh_config()
+  return c
+
+
+def parse_arg(arg: str | None, **knobs) -> ml_collections.ConfigDict:
+  """A big_vision-style config string ``'method,key=value,...'`` as a ConfigDict.
+
+  The first item is the method (or variant) name, stored as ``method`` (``knobs['method']`` is
+  the default when ``arg`` is empty); every ``key=value`` must name one of ``knobs`` and is
+  parsed as a Python literal of the knob's type (strings may be bare). Unknown keys and
+  unparsable values raise ``ConfigError`` naming the known keys.
+  """
+  out = ml_collections.ConfigDict(knobs)
+  items = [a for a in (arg or "").split(",") if a.strip()]
+  if items and "=" not in items[0]:
+    out.method = items.pop(0).strip()
+  for item in items:
+    if "=" not in item:
+      raise ConfigError(f"config string item {item!r} is not key=value; known keys: "
+                        f"{sorted(knobs)}")
+    k, v = (a.strip() for a in item.split("=", 1))
+    if k not in knobs:
+      raise ConfigError(f"config string key {k!r} is unknown; known keys: {sorted(knobs)}")
+    kind = type(knobs[k])
+    try:
+      value = v if kind is str else ast.literal_eval(v)
+      value = kind(value) if kind in (int, float, bool) and not isinstance(value, kind) else value
+    except (ValueError, SyntaxError):
+      raise ConfigError(f"config string {k}={v!r} is not a {kind.__name__}") from None
+    out[k] = value
+  return out
+
+
+def chain(stages: list[tuple[str, ml_collections.ConfigDict]],
+          description: str = "") -> ml_collections.ConfigDict:
+  """A multi-stage config: stages run in order, each in ``<workdir>/<name>``; a stage whose
+  method needs a teacher and names none (``teacher.workdir`` empty) distils the stage named by
+  its ``teacher.stage``, or the previous stage. A finished stage is skipped on rerun."""
+  c = ml_collections.ConfigDict()
+  c.description = description
+  c.stage_order = tuple(name for name, _ in stages)
+  c.stages = ml_collections.ConfigDict()
+  for name, cfg in stages:
+    c.stages[name] = cfg
   return c
 
 
@@ -59,8 +117,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(o.param in flowmap.PARAMETERIZATIONS, "objective.param", o.param,
          list(flowmap.PARAMETERIZATIONS))
   _check(o.sigma_d > 0, "objective.sigma_d", o.sigma_d, "> 0")
-  _check(o.time_sampler in ("uniform", "logit_normal", "scm"), "objective.time_sampler",
-         o.time_sampler, ["logit_normal", "scm", "uniform"])
+  _check(o.time_sampler in paths.TIME_SAMPLERS, "objective.time_sampler",
+         o.time_sampler, sorted(paths.TIME_SAMPLERS))
   _check(0 <= o.label_dropout < 1, "objective.label_dropout", o.label_dropout, "[0, 1)")
   _check(c.model.name in models.MODELS, "model.name", c.model.name, list(models.MODELS))
   _check(c.model.dtype in models.DTYPES, "model.dtype", c.model.dtype, list(models.DTYPES))
@@ -74,10 +132,32 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.model.width % 4 == 0, "model.width", c.model.width,
            "a multiple of 4 (2-D sin/cos position embedding)")
   _check(c.model.mlp_ratio > 0, "model.mlp_ratio", c.model.mlp_ratio, "> 0")
-  for section in ("train", "critic"):
-    t = c[section]
-    for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep"):
-      _check(t[name] > 0, f"{section}.{name}", t[name], "a positive integer")
+  _check(c.model.time_embedding in models.TIME_EMBEDDINGS, "model.time_embedding",
+         c.model.time_embedding, list(models.TIME_EMBEDDINGS))
+  _check(c.model.time_scale > 0, "model.time_scale", c.model.time_scale, "> 0")
+  if c.model.native_param or c.model.native_path:
+    _check(c.model.native_param in flowmap.PARAMETERIZATIONS, "model.native_param",
+           c.model.native_param, list(flowmap.PARAMETERIZATIONS))
+    _check(c.model.native_path in paths.PATHS, "model.native_path", c.model.native_path,
+           sorted(paths.PATHS))
+  _check_finite(c, "")
+  entry = objectives.entry(c.method)
+  _check(set(c.parts) == set(entry.parts), "parts", sorted(c.parts),
+         f"the parts of {c.method!r}: {sorted(entry.parts)}")
+  for name in c.parts:
+    p = c.parts[name]
+    for field in ("every", "updates"):
+      _check(p[field] >= 1, f"parts.{name}.{field}", p[field], "a positive integer")
+    _check(p.start >= 0, f"parts.{name}.start", p.start, ">= 0")
+    _check(0 <= p.ema_decay < 1, f"parts.{name}.ema_decay", p.ema_decay, "[0, 1) (0 = off)")
+    if entry.parts[name].joint:
+      _check(p.every == 1 and p.updates == 1 and p.start == 0, f"parts.{name}", p,
+             "every=1, updates=1, start=0 (a part trained jointly with the student)")
+  sections = [("train", c.train)] + [(f"parts.{n}", c.parts[n]) for n in c.parts]
+  for section, t in sections:
+    if section == "train":
+      for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep"):
+        _check(t[name] > 0, f"{section}.{name}", t[name], "a positive integer")
     _check(t.lr > 0, f"{section}.lr", t.lr, "> 0")
     _check(t.grad_clip >= 0, f"{section}.grad_clip", t.grad_clip, ">= 0 (0 = off)")
     _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"{section}.b1/b2", (t.b1, t.b2), "in [0, 1)")
@@ -86,9 +166,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.schedule in ("constant", "cosine"), f"{section}.schedule", t.schedule,
            ["constant", "cosine"])
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps", t.warmup_steps, ">= 0")
-    _check(all(0 < d < 1 for d in t.ema_decays), f"{section}.ema_decays", t.ema_decays,
-           "decays in (0, 1)")
-  import jax
+  _check(all(0 < d < 1 for d in c.train.ema_decays), "train.ema_decays", c.train.ema_decays,
+         "decays in (0, 1)")
   mesh = parallel.mesh_shape(c.mesh, jax.device_count())
   shards = mesh[0] * mesh[1]
   _check(c.train.batch_size % shards == 0, "train.batch_size", c.train.batch_size,
@@ -100,7 +179,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "(regex, spec) pairs, spec a tuple of mesh axes/None or 'fsdp'")
   _check(c.data.name in ("toy", "digits", "shapes", "tfds"), "data.name", c.data.name,
          ["digits", "shapes", "tfds", "toy"])
-  from fmdistill.data import toy
   if c.data.name == "toy":
     _check(c.data.toy in toy.TOYS, "data.toy", c.data.toy, sorted(toy.TOYS))
     _check(c.model.name == "mlp", "model.name", c.model.name, "'mlp' for 2-D toy data")
@@ -118,3 +196,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.teacher.pair_solver in sampling.SOLVERS, "teacher.pair_solver",
          c.teacher.pair_solver, list(sampling.SOLVERS))
   _check(c.teacher.guidance >= 0, "teacher.guidance", c.teacher.guidance, ">= 0")
+
+
+def _check_finite(c, prefix: str) -> None:
+  """Every float anywhere in the config is finite (``train.lr=inf`` is refused)."""
+  for k, v in c.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      _check_finite(v, name + ".")
+    elif isinstance(v, float):
+      _check(math.isfinite(v), name, v, "a finite number")
+    elif isinstance(v, (tuple, list)):
+      for x in v:
+        if isinstance(x, float):
+          _check(math.isfinite(x), name, v, "finite numbers")

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fmdistill import paths
 from fmdistill.paths import bcast
 
 Array = jax.Array
@@ -129,13 +130,62 @@ def teacher_network(net: Net, params: Any, param: Parameterization, src_path, ds
   SNR matching (``fmdistill.paths.convert_velocity``), and ignores ``s``. The output is wrapped
   in ``stop_gradient``.
   """
-  from fmdistill.paths import convert_velocity  # local: paths does not import flowmap
   v = teacher_velocity(net, params, param, guidance=guidance, null_label=null_label)
 
   def teacher(x, t, s=None, cond=None):
     del s
     vc = lambda x_, t_: v(x_, t_, cond)
     if src_path.name != dst_path.name or src_path.sigma_d != dst_path.sigma_d:
-      vc = convert_velocity(vc, src_path, dst_path)
+      vc = paths.convert_velocity(vc, src_path, dst_path)
     return jax.lax.stop_gradient(vc(x, t))
   return teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class Reparameterized:
+  """A network trained for one (parameterisation, path) presented in another.
+
+  ``G = Reparameterized(net, src_param, src_path, dst_param, dst_path)`` is a raw network
+  whose flow map under ``dst_param`` on ``dst_path`` is the flow map of ``net`` under
+  ``src_param`` on ``src_path``, moved to ``dst_path`` by SNR matching (``paths.convert_time``,
+  points scaled by ``paths.point_scale``; the ODE's trajectories are the same up to that
+  scaling, so the flow map converts exactly):
+
+      f_dst(x, t, s) = f_src(k(t) x, t', s') / k(s),   t' = conv(t), s' = conv(s),
+      G(c_in x, t, s) = (f_dst(x, t, s) - c_skip x) / c_out            (|t - s| > delta),
+      G(c_in x, t, t) = v_dst(x, t) / (d c_out / ds)                   (the limit s -> t),
+
+  with ``v_dst`` the converted velocity. This is how a student on TrigFlow (sCM, rCM) starts
+  from a teacher trained on the linear path (rCM's conversion of a rectified-flow teacher):
+  the student keeps the teacher's architecture and weights, so at initialisation its
+  consistency map is the teacher's one-step denoiser. Hashable (a jit static).
+  """
+  net: Any
+  src: Parameterization
+  src_path: Any
+  dst: Parameterization
+  dst_path: Any
+  delta: float = 1e-4
+
+  def __call__(self, params: Any, y: Array, t: Array, s: Array, cond: Array | None = None
+               ) -> Array:
+    t32, s32 = t.astype(jnp.float32), s.astype(jnp.float32)
+    diag = jnp.abs(t32 - s32) < self.delta
+    s_off = jnp.where(diag, jnp.where(t32 > self.delta, t32 - 2 * self.delta, t32 + 2 * self.delta),
+                      s32)  # a safe off-diagonal time where the branch is not used
+    c_skip, c_out, c_in = (bcast(c, y) for c in self.dst.coefficients(t32, s_off))
+    x = (y.astype(jnp.float32) / c_in).astype(y.dtype)
+    to_src = lambda u: paths.convert_time(u, self.dst_path, self.src_path)
+    k = lambda u: paths.point_scale(u, self.dst_path, self.src_path)
+    xs = (x * bcast(k(t32), x)).astype(x.dtype)
+    f_src = self.src.apply(self.net, params, xs, to_src(t32), to_src(s_off), cond)
+    f_dst = f_src.astype(jnp.float32) / bcast(k(s_off), x)
+    g_off = (f_dst - c_skip * x.astype(jnp.float32)) / c_out
+    rate = self.dst.sigma_d if self.dst.name == "trigflow" else 1.0
+
+    def on_diagonal(_):
+      v_src = lambda x_, u: self.src.velocity(self.net, params, x_, u, cond)
+      v = paths.convert_velocity(v_src, self.src_path, self.dst_path)(x, t32)
+      return jnp.where(bcast(diag, y), v.astype(jnp.float32) / rate, g_off)
+    # the velocity branch only runs when some pair is on the diagonal (never for s = 0 maps)
+    return jax.lax.cond(jnp.any(diag), on_diagonal, lambda _: g_off, None).astype(y.dtype)

@@ -6,9 +6,11 @@ r"""The entry point.
     python -m fmdistill.main --config ... --workdir runs/fm --mode=eval
 
 Modes: ``train`` (train, then write the quality report), ``eval`` (report only) and ``sample``
-(write ``samples.npy`` and a PNG for ``--nfe``). A config with ``stages`` (the quickstart) runs
-each stage in ``<workdir>/<stage>``; a stage whose method needs a teacher and names none uses the
-previous stage's run.
+(write ``samples.npy`` and a PNG for ``--nfe``). A config with ``stages`` (a stage chain, e.g.
+the quickstart's teacher -> student, ReFlow rounds, progressive halving) runs each stage in
+``<workdir>/<stage>``; a stage whose method needs a teacher and names no ``teacher.workdir``
+distils the stage named by its ``teacher.stage``, or else the previous stage. A stage whose run
+is already finished is skipped on rerun.
 """
 from __future__ import annotations
 
@@ -16,8 +18,14 @@ import os
 import re
 import sys
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from fmdistill import objectives, parallel, runs as runs_lib, train
+from fmdistill.errors import ConfigError, Preempted
+from fmdistill.eval import evaluate as evaluate_lib, plots, report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and reports")
@@ -31,30 +39,52 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def stages(config) -> list[tuple[str, object]]:
-  """``[(name, stage_config)]``: the stages of a pipeline config, or the config itself."""
+  """``[(name, stage_config)]``: the stages of a chain config, or the config itself."""
   if "stages" not in config:
     return [("run", config)]
-  return [(name, config.stages[name]) for name in config.stage_order]
+  order = tuple(config.get("stage_order", ())) or tuple(config.stages.keys())
+  missing = [n for n in order if n not in config.stages]
+  if missing:
+    raise ConfigError(f"config.stage_order names stages that do not exist: {missing}; "
+                      f"stages: {sorted(config.stages)}")
+  return [(name, config.stages[name]) for name in order]
+
+
+def resolve_teachers(steps: list[tuple[str, object]], workdir: str) -> dict[str, str]:
+  """Point every stage that distils a teacher but names no ``teacher.workdir`` at its
+  ``teacher.stage`` (or the previous stage); returns ``{stage: workdir}``."""
+  dirs = {name: os.path.join(workdir, name) for name, _ in steps}
+  seen = []
+  for name, cfg in steps:
+    wants = objectives.entry(cfg.method).needs_teacher or cfg.teacher.get("stage", "")
+    if wants and not cfg.teacher.workdir:
+      src = cfg.teacher.get("stage", "") or (seen[-1] if seen else "")
+      if not src:
+        raise ConfigError(f"stage {name!r} ({cfg.method}) needs a teacher but no earlier stage "
+                          "trains one; set its teacher.workdir or teacher.stage")
+      if src not in seen:
+        raise ConfigError(f"stage {name!r}: teacher.stage={src!r} is not an earlier stage; "
+                          f"earlier stages: {seen}")
+      with cfg.unlocked():
+        cfg.teacher.workdir = dirs[src]
+    seen.append(name)
+  return dirs
 
 
 def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool = True,
         overwrite: bool = False, evaluate: bool = True) -> dict:
   """Programmatic form of the command line; returns the evaluation result (or {})."""
-  from fmdistill import objectives, train
-  from fmdistill.eval import report
-
   steps = stages(config)
-  pipeline = len(steps) > 1 or "stages" in config
+  chain = "stages" in config
+  dirs = resolve_teachers(steps, workdir) if chain else {"run": workdir}
   runs = {}
   for name, cfg in steps:
-    wd = os.path.join(workdir, name) if pipeline else workdir
-    if pipeline and objectives.entry(cfg.method).needs_teacher and not cfg.teacher.workdir:
-      if not runs:
-        raise ValueError(f"stage {name!r} needs a teacher but no earlier stage trains one")
-      with cfg.unlocked():
-        cfg.teacher.workdir = list(runs.values())[-1]
+    wd = dirs[name]
     if mode == "train":
-      train.train_and_evaluate(cfg, wd, progress=progress, overwrite=overwrite)
+      if chain and runs_lib.is_finished(wd) and not overwrite:
+        print(f"stage {name!r}: already finished in {wd}, skipping", file=sys.stderr)
+      else:
+        train.train_and_evaluate(cfg, wd, progress=progress, overwrite=overwrite)
     runs[name] = wd
   if mode == "sample":
     return _sample(runs, workdir, nfe)
@@ -69,14 +99,10 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
 
 
 def _sample(runs: dict, workdir: str, nfe: int) -> dict:
-  import jax
-  import numpy as np
-  from fmdistill import checkpoint
-  from fmdistill.eval import evaluate, plots
   name, wd = list(runs.items())[-1]
-  config, net, params = checkpoint.load_params(wd, checkpoint.read_config(wd).eval.which)
-  x = evaluate.generate(config, net, params, jax.random.PRNGKey(config.seed),
-                        config.eval.num_samples, nfe)
+  config, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
+  x = evaluate_lib.generate(config, net, params, jax.random.PRNGKey(config.seed),
+                            config.eval.num_samples, nfe)
   np.save(os.path.join(workdir, f"samples_{name}_nfe{nfe}.npy"), x)
   plots.samples_figure({f"{name} {nfe} NFE": x}, os.path.join(workdir,
                                                               f"samples_{name}_nfe{nfe}.png"))
@@ -87,8 +113,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
-  from fmdistill import parallel
-  from fmdistill.errors import Preempted
   parallel.initialize()  # multi-process jobs: before anything touches the devices
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value,

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fmdistill import pallas
 from fmdistill.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
@@ -150,7 +151,6 @@ def attention(q, k, v, *, impl: str = "auto", key_mask=None, **kw):
   """``fmdistill.pallas.attention`` that runs the Pallas kernel per (batch, head) shard under
   ``shard_map`` when a mesh with our axes is set (``jax.set_mesh``). Elsewhere (no mesh, or the
   XLA reference, which GSPMD partitions by itself) it is the plain call."""
-  from fmdistill import pallas
   impl = pallas.resolve_impl(impl)
   mesh = jax.sharding.get_abstract_mesh()
   if impl != "pallas" or mesh.empty or not set(AXES) <= set(mesh.axis_names):

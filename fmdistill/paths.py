@@ -112,6 +112,15 @@ def convert_time(t: Array, src: Path, dst: Path) -> Array:
   return dst.time_from_log_snr(src.log_snr(t))
 
 
+def point_scale(t: Array, src: Path, dst: Path) -> Array:
+  """The factor ``k`` with ``x_dst = k x_src`` at ``t`` on ``src`` and the matched time on
+  ``dst``: ``alpha_dst / alpha_src = sigma_dst / sigma_src``, computed as the ratio of
+  ``sqrt(alpha^2 + sigma^2)`` so it is finite at both ends of the path."""
+  u = convert_time(t, src, dst)
+  norm = lambda p, s: jnp.sqrt(p.alpha(s) ** 2 + p.sigma(s) ** 2)
+  return norm(dst, u) / norm(src, t)
+
+
 def convert_velocity(v_src: VelocityFn, src: Path, dst: Path) -> VelocityFn:
   """Turn a velocity on ``src`` into the velocity of the same marginals on ``dst``.
 
@@ -121,14 +130,15 @@ def convert_velocity(v_src: VelocityFn, src: Path, dst: Path) -> VelocityFn:
   """
   def v_dst(x: Array, t: Array) -> Array:
     t_src = convert_time(t, dst, src)
-    scale = bcast(src.alpha(t_src) / dst.alpha(t), x)
-    x_src = x * scale
+    x_src = x * bcast(point_scale(t, dst, src), x)
     x0, eps = src.denoise(x_src, v_src(x_src, t_src), t_src)
     return bcast(dst.dalpha(t), x) * x0 + bcast(dst.dsigma(t), x) * eps
   return v_dst
 
 
 # ----------------------------------------------------------------------------- time samplers
+
+TIME_SAMPLERS = ("uniform", "logit_normal", "scm")
 
 
 def uniform_time(key: Array, n: int, T: float = 1.0, eps: float = 1e-3) -> Array:
@@ -148,24 +158,38 @@ def scm_time(key: Array, n: int, p_mean: float = -1.0, p_std: float = 1.4,
   return jnp.arctan(jnp.exp(p_mean + p_std * jax.random.normal(key, (n,))) / sigma_d)
 
 
-def sample_time(key: Array, n: int, kind: str, T: float = 1.0, **kw) -> Array:
-  """Dispatch a sampler by config name: ``uniform``, ``logit_normal`` or ``scm``."""
+def sample_time(key: Array, n: int, path: Path, kind: str = "uniform", *, mean: float = 0.0,
+                std: float = 1.0) -> Array:
+  """Times ``(n,)`` in ``[0, path.T]`` from the sampler ``kind`` (the one API every loss uses).
+
+  * ``uniform``: ``U[1e-3, T]``.
+  * ``logit_normal``: ``T sigmoid(mean + std n)`` (SD3, MeanFlow).
+  * ``scm``: sCM's ``arctan(exp(mean + std n) / sigma_d)`` on TrigFlow (``mean = P_mean``,
+    ``std = P_std``); on other paths the same draw with ``sigma_d = 1`` rescaled from
+    ``[0, pi/2]`` to ``[0, T]`` (FACM's choice), so it never leaves ``[0, T]``.
+  """
   if kind == "uniform":
-    return uniform_time(key, n, T=T, eps=kw.get("eps", 1e-3))
-  if kind == "logit_normal":
-    return logit_normal_time(key, n, kw.get("mean", 0.0), kw.get("std", 1.0), T=T)
-  if kind == "scm":
-    return scm_time(key, n, kw.get("mean", -1.0), kw.get("std", 1.4), kw.get("sigma_d", 1.0))
-  raise ValueError(f"unknown time sampler {kind!r}; known: ['logit_normal', 'scm', 'uniform']")
+    t = uniform_time(key, n, T=path.T)
+  elif kind == "logit_normal":
+    t = logit_normal_time(key, n, mean, std, T=path.T)
+  elif kind == "scm":
+    if path.name == "trigflow":
+      t = scm_time(key, n, mean, std, path.sigma_d)
+    else:
+      t = scm_time(key, n, mean, std, 1.0) * (path.T / (math.pi / 2))
+  else:
+    raise ValueError(f"unknown time sampler {kind!r}; known: {sorted(TIME_SAMPLERS)}")
+  return jnp.clip(t, 0.0, path.T)
 
 
-def time_pairs(key: Array, n: int, kind: str = "uniform", T: float = 1.0,
-               equal_ratio: float = 0.25, **kw) -> tuple[Array, Array]:
-  """Pairs ``(t, s)`` with ``s <= t``: two draws sorted, and ``s = t`` for a fraction
-  ``equal_ratio`` of the batch (MeanFlow's ``r = t`` samples). Returns two ``(n,)`` arrays."""
+def sample_pairs(key: Array, n: int, path: Path, kind: str = "uniform", *,
+                 equal_ratio: float = 0.25, mean: float = 0.0, std: float = 1.0
+                 ) -> tuple[Array, Array]:
+  """Pairs ``(t, s)`` with ``0 <= s <= t <= T``: two draws of ``sample_time`` sorted, and
+  ``s = t`` for a fraction ``equal_ratio`` of the batch (MeanFlow's ``r = t`` samples)."""
   k1, k2, k3 = jax.random.split(key, 3)
-  a = sample_time(k1, n, kind, T=T, **kw)
-  b = sample_time(k2, n, kind, T=T, **kw)
+  a = sample_time(k1, n, path, kind, mean=mean, std=std)
+  b = sample_time(k2, n, path, kind, mean=mean, std=std)
   t, s = jnp.maximum(a, b), jnp.minimum(a, b)
   equal = jax.random.uniform(k3, (n,)) < equal_ratio
   return t, jnp.where(equal, t, s)

@@ -11,31 +11,52 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from fmdistill import checkpoint, data, flowmap, paths, sampling
+from fmdistill import data, flowmap, models, paths, runs, sampling, state as state_lib
 from fmdistill.data import pairs
 from fmdistill.errors import ConfigError
 
 
 class Teacher(struct.PyTreeNode):
-  """A frozen teacher: network, its parameterisation and path, and its weights."""
+  """A frozen teacher: network, its parameterisation and path, its weights and its config."""
   net: Any = struct.field(pytree_node=False)
   param: flowmap.Parameterization = struct.field(pytree_node=False)
   path: paths.Path = struct.field(pytree_node=False)
   params: Any = None
+  model: tuple = struct.field(pytree_node=False, default=())  # ((field, value), ...)
+  native: tuple = struct.field(pytree_node=False, default=())  # what its weights are trained
+  # for: (param name, path name, sigma_d)
 
 
 def load(config: ml_collections.ConfigDict) -> Teacher | None:
   """The teacher named by ``config.teacher.workdir`` (``None`` if empty)."""
   if not config.teacher.workdir:
     return None
-  tconfig, net, params = checkpoint.load_params(config.teacher.workdir, config.teacher.which)
+  tconfig, net, params = runs.load_params(config.teacher.workdir, config.teacher.which)
   o = tconfig.objective
   if tuple(tconfig.data_shape) != tuple(config.data_shape):
     raise ConfigError(f"config.teacher.workdir={config.teacher.workdir!r} was trained on data "
                       f"of shape {tuple(tconfig.data_shape)}, this run's data has shape "
                       f"{tuple(config.data_shape)}")
   return Teacher(net, flowmap.Parameterization(o.param, o.sigma_d),
-                 paths.get_path(o.path, o.sigma_d), params)
+                 paths.get_path(o.path, o.sigma_d), params,
+                 tuple((k, tconfig.model.get(k, _LEGACY.get(k))) for k in models.FUNCTION_FIELDS),
+                 _native(tconfig))
+
+
+def _native(tconfig) -> tuple:
+  return state_lib.native_key(tconfig)
+
+
+# model fields of configs written before they existed (the legacy time embedding)
+_LEGACY = {"time_embedding": "legacy", "time_scale": 1000.0}
+
+
+def init_mismatches(config: ml_collections.ConfigDict, teacher: Teacher) -> list[str]:
+  """``'field: student vs teacher'`` for every model field that makes a student unable to
+  start from ``teacher``'s weights (``models.FUNCTION_FIELDS``)."""
+  mine = {k: config.model.get(k, _LEGACY.get(k)) for k in models.FUNCTION_FIELDS}
+  return [f"model.{k}={mine[k]!r} (teacher: {v!r})" for k, v in teacher.model
+          if mine[k] != v]
 
 
 def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:

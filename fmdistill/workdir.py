@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import ml_collections
 
 from fmdistill.errors import WorkdirError
@@ -73,11 +74,18 @@ def _git_commit() -> dict:
     return {"git_commit": "unknown", "git_dirty": None}
 
 
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """``workdir/config.json`` (written through a temporary file and an atomic rename)."""
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
 def record(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Write ``config.json`` and append to ``provenance.json`` (one entry per start)."""
-  import jax
-  from fmdistill import checkpoint
-  checkpoint.write_config(workdir, config)
+  write_config(workdir, config)
   path = os.path.join(workdir, "provenance.json")
   entries = []
   if os.path.exists(path):

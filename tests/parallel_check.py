@@ -15,7 +15,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fmdistill import config as config_lib, objectives, parallel, train  # noqa: E402
+from fmdistill import config as config_lib, objectives, parallel, state as state_lib  # noqa: E402
+from fmdistill import train  # noqa: E402
 
 
 def dit_config(method: str, data: int = 1, fsdp: int = 1, impl: str = "xla"):
@@ -41,18 +42,18 @@ def equivalence(method: str, impl: str, workdir: str) -> None:
   tparams = teacher.params if teacher is not None else None
   # unsharded: everything on one device, plain jit
   single = train.make_train_step(c, net, teacher)
-  s1, m1 = single(jax.device_put(train._copy(state), jax.devices()[0]), batch, tparams)
+  s1, m1 = single(jax.device_put(state_lib.copy(state), jax.devices()[0]), batch, tparams)
   # sharded: data=2 x fsdp=4 mesh, pjit-style shardings, attention kernel under shard_map
   mesh = parallel.make_mesh(c.mesh)
   sh = parallel.state_shardings(state, mesh, c.mesh)
   tsh = parallel.state_shardings(tparams, mesh, c.mesh) if tparams is not None else None
   step = train.make_train_step(c, net, teacher, (mesh, sh, tsh))
-  s2, m2 = step(jax.device_put(train._copy(state), sh), parallel.global_batch(
+  s2, m2 = step(jax.device_put(state_lib.copy(state), sh), parallel.global_batch(
       {k: np.asarray(v) for k, v in batch.items()}, mesh, 16),
       jax.device_put(tparams, tsh) if tparams is not None else None)
   specs = {str(x.sharding.spec) for x in jax.tree_util.tree_leaves(s2.params)}
   assert any("fsdp" in s for s in specs), specs
-  trees = lambda s: (s.params, s.critic_params)  # the critic's update too (DMD)
+  trees = lambda s: (s.params, s.parts)  # every part's update too (DMD's critic)
   diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
       jax.tree_util.tree_leaves(trees(s1)), jax.tree_util.tree_leaves(trees(s2))))
   print(json.dumps({"loss_single": float(m1["loss"]), "loss_sharded": float(m2["loss"]),

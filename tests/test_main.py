@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fmdistill import checkpoint
+from fmdistill import checkpoint, runs
 
 TINY = ["--config.model.width=16", "--config.model.depth=1", "--config.train.batch_size=32",
         "--config.eval.num_samples=200", "--config.eval.teacher_nfe=(1,4)", "--progress=false"]
@@ -23,7 +23,7 @@ def test_overrides_reach_the_loop(root, tmp_path):
   r = _run(root, "--config", "experiments/toy2d.py:flow_matching", "--workdir", wd,
            "--config.train.steps=7", "--config.train.log_every=7", "--config.seed=5", *TINY)
   assert r.returncode == 0, r.stderr[-2000:]
-  cfg = checkpoint.read_config(wd)
+  cfg = runs.read_config(wd)
   assert cfg.train.steps == 7 and cfg.model.width == 16 and cfg.seed == 5
   assert checkpoint.manager(wd, read_only=True).latest_step() == 7
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]

@@ -54,21 +54,43 @@ def test_snr_conversion_matches_closed_form_velocity(src, dst):
 
 def test_time_samplers():
   k = jax.random.key(0)
-  u = paths.sample_time(k, 10_000, "uniform", T=1.0)
+  u = paths.sample_time(k, 10_000, paths.linear(), "uniform")
   assert 0 < float(u.min()) and float(u.max()) <= 1.0
-  ln = paths.sample_time(k, 10_000, "logit_normal", T=2.0)
-  assert 0 < float(ln.min()) and float(ln.max()) < 2.0
-  assert abs(float(jnp.median(ln)) - 1.0) < 0.05
-  sc = paths.sample_time(k, 10_000, "scm", sigma_d=0.5)
+  ln = paths.sample_time(k, 10_000, paths.trigflow(), "logit_normal")
+  assert 0 < float(ln.min()) and float(ln.max()) < np.pi / 2
+  assert abs(float(jnp.median(ln)) - np.pi / 4) < 0.05
+  sc = paths.sample_time(k, 10_000, paths.trigflow(0.5), "scm", mean=-1.0, std=1.4)
   assert 0 < float(sc.min()) and float(sc.max()) < np.pi / 2
   # median of arctan(exp(P_mean + P_std n)/sigma_d) is arctan(exp(P_mean)/sigma_d)
   assert abs(float(jnp.median(sc)) - np.arctan(np.exp(-1.0) / 0.5)) < 0.02
   with pytest.raises(ValueError, match="known"):
-    paths.sample_time(k, 3, "nope")
+    paths.sample_time(k, 3, paths.linear(), "nope")
+
+
+@pytest.mark.parametrize("kind", paths.TIME_SAMPLERS)
+@pytest.mark.parametrize("name", sorted(paths.PATHS))
+def test_every_time_sampler_stays_inside_the_path(kind, name):
+  """Every sampler on every path draws times in ``[0, T]`` (the sCM sampler once drew
+  ``t > T = 1`` for about 22% of samples on the linear path), pairs too, with wide
+  log-normal parameters that push into both tails."""
+  path = paths.get_path(name, 0.5)
+  for mean, std in ((-1.0, 1.4), (2.0, 3.0), (-3.0, 3.0)):
+    t = paths.sample_time(jax.random.key(1), 50_000, path, kind, mean=mean, std=std)
+    assert float(t.min()) >= 0.0 and float(t.max()) <= path.T, (kind, name, mean, std)
+    t, s = paths.sample_pairs(jax.random.key(2), 20_000, path, kind, equal_ratio=0.3,
+                              mean=mean, std=std)
+    assert bool(jnp.all((0 <= s) & (s <= t) & (t <= path.T)))
+
+
+def test_scm_sampler_on_the_linear_path_is_the_rescaled_trigflow_draw():
+  k = jax.random.key(4)
+  lin = paths.sample_time(k, 1000, paths.linear(), "scm", mean=-0.8, std=1.6)
+  trig = paths.sample_time(k, 1000, paths.trigflow(1.0), "scm", mean=-0.8, std=1.6)
+  np.testing.assert_allclose(lin, trig / (np.pi / 2), rtol=1e-6)
 
 
 def test_time_pairs():
-  t, s = paths.time_pairs(jax.random.key(3), 20_000, equal_ratio=0.3)
+  t, s = paths.sample_pairs(jax.random.key(3), 20_000, paths.linear(), equal_ratio=0.3)
   assert bool(jnp.all(s <= t))
   assert abs(float(jnp.mean(s == t)) - 0.3) < 0.02
 

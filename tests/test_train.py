@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmdistill import checkpoint, config as config_lib, train
+from fmdistill import config as config_lib, runs, state as state_lib, train
 
 
 def tiny(method="flow_matching", steps=30):
@@ -54,7 +54,7 @@ def test_power_ema_matches_edm2_definition():
   p0, the power EMA equals c exactly from the first update on (beta_1 = 0)."""
   t = tiny().train
   ema = {"ema_0.9": jnp.zeros(3), "power_6.94": jnp.zeros(3)}
-  ema = train.update_ema(ema, jnp.ones(3), jnp.int32(0), t)
+  ema = state_lib.update_ema(ema, jnp.ones(3), jnp.int32(0), t)
   np.testing.assert_allclose(ema["power_6.94"], 1.0)
   np.testing.assert_allclose(ema["ema_0.9"], 0.1, rtol=1e-6)
 
@@ -90,7 +90,7 @@ def test_teacher_loading_and_pair_cache_resume(tmp_path):
   assert int(state.step) == 5
   # setup() starts the student from the teacher's EMA weights (cache reused as is)
   _, _, _, s0 = train.setup(c, str(tmp_path / "s"))
-  _, _, tparams = checkpoint.load_params(str(tmp_path / "t"), "ema_0.9")
+  _, _, tparams = runs.load_params(str(tmp_path / "t"), "ema_0.9")
   for a, b in zip(_leaves(tparams), _leaves(s0.params)):
     np.testing.assert_array_equal(a, b)
   # the workdir now belongs to this experiment: other teacher settings are refused there

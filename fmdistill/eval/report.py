@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-from fmdistill import checkpoint, data, objectives
+from fmdistill import data, objectives, runs as runs_lib
 from fmdistill.eval import classifier, evaluate, plots
 
 
@@ -32,7 +32,7 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0) -> dict:
   ``eval.solver``; flow-map students at ``eval.student_nfe`` jumps along a uniform grid.
   """
   os.makedirs(out_dir, exist_ok=True)
-  first = checkpoint.read_config(next(iter(runs.values())))
+  first = runs_lib.read_config(next(iter(runs.values())))
   source = data.make_source(first.data, first.seed)
   n = first.eval.num_samples
   features, acc = _features(first, out_dir)
@@ -43,7 +43,7 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0) -> dict:
     result["classifier_accuracy"] = acc
   curves = {}
   for name, wd in runs.items():
-    config, net, params = checkpoint.load_params(wd, first.eval.which)
+    config, net, params = runs_lib.load_params(wd, first.eval.which)
     sampler = objectives.entry(config.method).sampler
     nfes = config.eval.teacher_nfe if sampler == "ode" else config.eval.student_nfe
     per_nfe, panels = {}, {}

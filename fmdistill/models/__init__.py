@@ -17,10 +17,15 @@ from fmdistill.errors import ConfigError
 from flax import nnx
 
 from fmdistill.models.dit import DiT
+from fmdistill.models.embeddings import TIME_EMBEDDINGS
 from fmdistill.models.mlp import MLP
 
 Array = jax.Array
 MODELS = ("mlp", "dit")
+# model fields that define the function a set of weights computes (a student initialised from
+# a teacher must agree with it on all of them); dtype and attention impl only change precision
+FUNCTION_FIELDS = ("name", "width", "depth", "patch", "heads", "mlp_ratio", "time_embedding",
+                   "time_scale")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -46,17 +51,21 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
     raise ConfigError(f"config.model.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
   rngs = nnx.Rngs(params=key)
   dtype = DTYPES[cfg.dtype]
+  # configs written before the positional embedding have no ``time_embedding`` field (legacy)
+  time = dict(kind=cfg.get("time_embedding", "legacy"), scale=float(cfg.get("time_scale", 1000.0)))
+  if time["kind"] not in TIME_EMBEDDINGS:
+    raise ConfigError(f"config.model.time_embedding={time['kind']!r} is invalid; accepted: "
+                      f"{list(TIME_EMBEDDINGS)}")
   if cfg.name == "mlp":
     if len(data_shape) != 1:
       raise ConfigError(f"model 'mlp' takes vectors (d,), the data has shape {data_shape}; "
                        "use model.name='dit' for images")
-    module = MLP(data_shape[0], cfg.width, cfg.depth, num_classes, dtype, rngs=rngs)
+    module = MLP(data_shape[0], cfg.width, cfg.depth, num_classes, dtype, time=time, rngs=rngs)
   else:
     if len(data_shape) != 3:
       raise ConfigError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
     module = DiT(tuple(data_shape), cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
-                 num_classes, dtype, cfg.attn_impl, rngs=rngs)
-  module.time.scale = float(cfg.get("time_scale", 1000.0))  # static: part of the graphdef
+                 num_classes, dtype, cfg.attn_impl, time=time, rngs=rngs)
   graphdef, state = nnx.split(module)
   return Network(graphdef), nnx.to_pure_dict(state)
 

@@ -67,7 +67,8 @@ class DiT(nnx.Module):
 
   def __init__(self, image_shape: tuple[int, int, int], patch: int = 2, width: int = 128,
                depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 0,
-               dtype: jnp.dtype = jnp.float32, attn_impl: str = "auto", *, rngs: nnx.Rngs):
+               dtype: jnp.dtype = jnp.float32, attn_impl: str = "auto", *,
+               time: dict | None = None, rngs: nnx.Rngs):
     h, w, ch = image_shape
     if h % patch or w % patch:
       raise ConfigError(f"config.model.patch={patch} does not divide the image size {h}x{w}")
@@ -77,7 +78,7 @@ class DiT(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=jnp.float32)
     self.embed = nnx.Linear(patch * patch * ch, width, rngs=rngs, **kw)
     self.width = width
-    self.time = TimeEmbed(width, rngs=rngs)
+    self.time = TimeEmbed(width, **(time or {}), rngs=rngs)
     self.label = LabelEmbed(num_classes, width, rngs=rngs) if num_classes else None
     for i in range(depth):
       setattr(self, f"block{i}", Block(width, heads, mlp_ratio, dtype, attn_impl, rngs=rngs))

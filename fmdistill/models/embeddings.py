@@ -22,26 +22,51 @@ def sinusoidal(t: Array, dim: int, max_period: float = 10_000.0, scale: float = 
   return emb
 
 
-class TimeEmbed(nnx.Module):
-  """Embeds ``t`` and ``t - s`` (MeanFlow's choice of time inputs): sinusoidal features of
-  each, summed after a float32 two-layer MLP. Output ``(B, width)`` float32."""
+TIME_EMBEDDINGS = ("positional", "legacy")
 
-  def __init__(self, width: int, freq_dim: int = 128, *, scale: float = 1000.0,
-               rngs: nnx.Rngs):
-    self.freq_dim = freq_dim
-    self.scale = scale  # t -> sinusoidal(scale * t); tangent methods need a small scale (~1)
+
+class TimeEmbed(nnx.Module):
+  """Embeds ``t`` and ``d = t - s`` (MeanFlow's choice of time inputs), each by sinusoidal
+  features of ``scale * time`` and a float32 two-layer MLP; output ``(B, width)`` float32.
+
+  ``kind='positional'`` (the default for every network, teacher and student alike) is sCM's
+  stable time conditioning (its section on time embeddings: positional features of
+  ``c_noise(t) = t`` instead of ``1000 t`` or large-scale Fourier features), ``scale = 1``, so
+  ``d/dt`` of the embedding stays O(1) and ``jax.jvp`` tangents are usable. The ``d`` branch is
+  exactly zero at ``d = 0`` by construction (features ``[sin(d f), cos(d f) - 1]`` and
+  bias-free layers) and its output layer starts at zero: a flow-matching teacher (trained only
+  at ``s = t``) leaves it untouched, and a student initialised from the teacher starts as
+  ``F(x, t, s) = v(x, t)`` for every ``s`` (the Euler jump). ``kind='legacy'`` is the embedding
+  of checkpoints written before this change (``scale = 1000``, plain sin/cos ``d`` branch with
+  biases).
+  """
+
+  def __init__(self, width: int, freq_dim: int = 128, *, scale: float = 1.0,
+               kind: str = "positional", rngs: nnx.Rngs):
+    if kind not in TIME_EMBEDDINGS:
+      raise ValueError(f"time embedding must be one of {TIME_EMBEDDINGS}, got {kind!r}")
+    self.freq_dim, self.scale, self.kind = freq_dim, scale, kind
     f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
     self.t1 = nnx.Linear(freq_dim, width, rngs=rngs, **f32)
     self.t2 = nnx.Linear(width, width, rngs=rngs, **f32)
-    self.d1 = nnx.Linear(freq_dim, width, rngs=rngs, **f32)
-    self.d2 = nnx.Linear(width, width, rngs=rngs, **f32)
+    if kind == "legacy":
+      self.d1 = nnx.Linear(freq_dim, width, rngs=rngs, **f32)
+      self.d2 = nnx.Linear(width, width, rngs=rngs, **f32)
+    else:
+      self.d1 = nnx.Linear(freq_dim, width, use_bias=False, rngs=rngs, **f32)
+      self.d2 = nnx.Linear(width, width, use_bias=False, kernel_init=nnx.initializers.zeros,
+                           rngs=rngs, **f32)
 
   def __call__(self, t: Array, s: Array) -> Array:
     t = t.astype(jnp.float32)
-    s = s.astype(jnp.float32)
+    d = t - s.astype(jnp.float32)
     et = self.t2(nnx.silu(self.t1(sinusoidal(t, self.freq_dim, scale=self.scale))))
-    ed = self.d2(nnx.silu(self.d1(sinusoidal(t - s, self.freq_dim, scale=self.scale))))
-    return et + ed
+    feats = sinusoidal(d, self.freq_dim, scale=self.scale)
+    if self.kind == "positional":  # [cos - 1, sin]: exactly zero at d = 0
+      half = self.freq_dim // 2
+      feats = feats - jnp.concatenate([jnp.ones((1, half)), jnp.zeros((1, feats.shape[1] - half))],
+                                      axis=1)
+    return et + self.d2(nnx.silu(self.d1(feats)))
 
 
 class LabelEmbed(nnx.Module):

@@ -19,10 +19,10 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, dim: int, width: int = 256, depth: int = 4, num_classes: int = 0,
-               dtype: jnp.dtype = jnp.float32, *, rngs: nnx.Rngs):
+               dtype: jnp.dtype = jnp.float32, *, time: dict | None = None, rngs: nnx.Rngs):
     self.depth = depth
     self.dtype = dtype
-    self.time = TimeEmbed(width, rngs=rngs)
+    self.time = TimeEmbed(width, **(time or {}), rngs=rngs)
     self.label = LabelEmbed(num_classes, width, rngs=rngs) if num_classes else None
     kw = dict(dtype=dtype, param_dtype=jnp.float32)
     self.inp = nnx.Linear(dim, width, rngs=rngs, **kw)

@@ -1,15 +1,18 @@
-"""Objective registry: config name -> pure loss.
+"""Objective registry: config name -> pure loss, with the method's traits and trainable parts.
 
 Every loss has the signature (DESIGN.md)::
 
-    loss(params, batch, key, *, net, teacher, ema_params, step, cfg) -> (scalar, metrics)
+    loss(params, batch, key, *, net, teacher, ema_params, step, cfg, **parts) -> (scalar, metrics)
 
 * ``net(params, x, t, s, cond)``: the raw student network (the flow map is
   ``cfg.param``'s ``c_skip x + c_out F``, see ``fmdistill.flowmap``).
 * ``teacher(x, t, s, cond)``: the frozen teacher network with its params (and guidance) bound,
-  or ``None``; its velocity is ``teacher_velocity(teacher, x, t, cond)``.
+  or ``None``; its velocity is ``teacher(x, t, t, cond)``.
 * ``ema_params``: the target parameters ``theta^-`` chosen by the method's config.
 * ``cfg``: the method's own ``ConfigDict`` (``default_config(name)`` gives its defaults).
+* ``**parts``: one keyword per trainable part the entry declares (``Part``): a part trained by
+  its own loss arrives frozen (bound to its network if it has one, e.g. ``critic(x, t, cond)``),
+  a part trained jointly by this loss arrives as its live parameters (e.g. sCM's ``weighting``).
 
 Each family module in this package calls ``register`` at import; every module here is imported
 by ``_load_all``, so adding a method touches one file (and one experiment config entry).
@@ -27,33 +30,101 @@ Loss = Callable[..., tuple[Any, dict]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Critic:
-  """An auxiliary network trained alternately with the student (DMD's fake score, ...).
+class PartContext:
+  """What a part's ``init`` / ``network`` builder may use.
 
-  It has the teacher's architecture and starts from the teacher's weights. Its loss is
-  ``loss(critic_params, student_params, batch, key, *, net, critic, teacher, step, cfg)`` with
-  ``critic(params, x, t, cond)`` its velocity on the student's path; it is updated ``updates``
-  times every ``every`` student steps, before the student update. The student loss receives
-  ``critic(x, t, cond)``: the current critic's velocity, frozen.
+  ``config``: the full run config; ``net``: the student network; ``params``: the student's
+  initial parameters (after teacher initialisation); ``teacher_params``: the frozen teacher's
+  (or ``None``); ``teacher_fn(params, x, t, cond)``: the teacher's architecture as a velocity on
+  the student's path, differentiable in ``params`` (or ``None`` without a teacher).
   """
-  loss: Loss
+  config: Any
+  net: Any
+  params: Any
+  teacher_params: Any = None
+  teacher_fn: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """An extra trainable network or parameter set that a method owns (DESIGN.md "parts").
+
+  * ``init``: ``'teacher'`` (a copy of the teacher's weights), ``'student'`` (a copy of the
+    student's initial weights) or ``init(key, ctx: PartContext) -> params`` (fresh).
+  * ``network``: how the part is called: ``'teacher'`` (``ctx.teacher_fn``: the teacher's
+    architecture as a velocity ``v(params, x, t, cond)``), ``'student'`` (the student network
+    ``F(params, x, t, s, cond)``), ``network(ctx) -> apply(params, ...)``, or ``None`` (the
+    losses use the raw parameters).
+  * ``loss``: ``loss(part_params, student_params, batch, key, *, net, apply, teacher, parts,
+    step, cfg) -> (scalar, metrics)``, the part's own objective (``apply`` its network,
+    ``parts`` the other parts frozen); ``None`` means the part is trained **jointly** by the
+    student loss (its gradient in the part), like sCM's learned weighting.
+  * Schedule defaults (config ``parts.<name>.every/updates/start``): the part is updated
+    ``updates`` times on every student step ``k`` with ``k % every == 0`` and ``k >= start``,
+    ``order='before'`` or ``'after'`` the student's update (joint parts: with it).
+  * ``optimizer``: overrides of the optimiser section ``config.parts.<name>`` (lr, schedule,
+    betas, ...); ``ema_decay > 0`` keeps an EMA of the part.
+  * ``enabled(cfg) -> bool`` on the method's config (e.g. only with ``adaptive_weight``).
+  """
+  init: Any
+  network: Any = None
+  loss: Loss | None = None
   every: int = 1
   updates: int = 1
+  start: int = 0
+  order: str = "before"
+  optimizer: tuple = ()   # ((field, value), ...): hashable overrides of the part's optimiser
+  ema_decay: float = 0.0
+  enabled: Callable[[ml_collections.ConfigDict], bool] | None = None
+
+  @property
+  def joint(self) -> bool:
+    return self.loss is None
+
+  def is_enabled(self, cfg: ml_collections.ConfigDict) -> bool:
+    return self.enabled is None or bool(self.enabled(cfg))
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
+  """A registered method and its traits.
+
+  * ``needs_teacher``: distils a frozen teacher (``config.teacher.workdir`` or a chain stage).
+  * ``batch``: ``'data'`` or ``'teacher_pairs'`` (a cache of teacher ODE trajectories).
+  * ``parts``: ``{name: Part}``, the extra trainable things (critics, discriminators, learned
+    weightings).
+  * ``sampler``: how the trained network samples: ``'flowmap'`` jumps or ``'ode'`` (velocity).
+  * ``tangent``: the loss uses ``jax.jvp`` time derivatives of the network (needs a smooth time
+    embedding; tangent warmup where the method has one).
+  * ``consistency``: the map is trained to ``s = 0`` only, so multistep sampling denoises to 0
+    and re-noises (``eval_gamma = 1``: consistency multistep); otherwise flow-map jumps
+    (``eval_gamma = 0``).
+  """
   name: str
   loss: Loss
   defaults: Callable[[], ml_collections.ConfigDict]
   needs_teacher: bool = False
-  batch: str = "data"          # 'data' or 'teacher_pairs' (a cache of teacher ODE trajectories)
-  critic: Critic | None = None
-  sampler: str = "flowmap"     # how the trained net samples: 'flowmap' jumps or 'ode' (velocity)
+  batch: str = "data"
+  parts: dict = dataclasses.field(default_factory=dict)
+  sampler: str = "flowmap"
+  tangent: bool = False
+  consistency: bool = False
   doc: str = ""
-  # objective-owned parameters (e.g. sCM's learned loss weighting): ``aux_init(key, cfg)``; the
-  # train loop stores them under ``params[_common.AUX_KEY]`` (see ``_common.split_aux``)
-  aux_init: Callable[[Any, ml_collections.ConfigDict], Any] | None = None
+
+  @property
+  def needs_pairs(self) -> bool:
+    return self.batch == "teacher_pairs"
+
+  @property
+  def eval_gamma(self) -> float:
+    return 1.0 if self.consistency else 0.0
+
+  def parts_for(self, cfg: ml_collections.ConfigDict) -> dict[str, Part]:
+    """The parts enabled by the method config ``cfg``."""
+    return {k: p for k, p in self.parts.items() if p.is_enabled(cfg)}
+
+  def __hash__(self):
+    return hash(self.name)
 
 
 _REGISTRY: dict[str, Objective] = {}
@@ -63,6 +134,11 @@ _LOADED = False
 def register(obj: Objective) -> Objective:
   if obj.name in _REGISTRY:
     raise ValueError(f"objective {obj.name!r} is registered twice")
+  for name, part in obj.parts.items():
+    if part.order not in ("before", "after"):
+      raise ValueError(f"{obj.name}: part {name!r} order must be 'before' or 'after'")
+    if part.every < 1 or part.updates < 1 or part.start < 0:
+      raise ValueError(f"{obj.name}: part {name!r} needs every >= 1, updates >= 1, start >= 0")
   _REGISTRY[obj.name] = obj
   return obj
 

@@ -1,7 +1,6 @@
 """Helpers shared by the objective families (no losses are registered here)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -33,8 +32,16 @@ def param_of(cfg) -> flowmap.Parameterization:
 
 
 def sample_t(key: Array, n: int, cfg, path: paths.Path) -> Array:
-  return paths.sample_time(key, n, cfg.time_sampler, T=path.T, mean=cfg.time_mean,
-                           std=cfg.time_std, sigma_d=cfg.sigma_d)
+  """``t (n,)`` in ``[0, T]`` from the config's ``time_sampler`` (``paths.sample_time``)."""
+  return paths.sample_time(key, n, path, cfg.time_sampler, mean=cfg.time_mean,
+                           std=cfg.time_std)
+
+
+def sample_pairs(key: Array, n: int, cfg, path: paths.Path) -> tuple[Array, Array]:
+  """``(t, s)``, ``s <= t``, with ``s = t`` for a fraction ``cfg.equal_ratio``
+  (``paths.sample_pairs``)."""
+  return paths.sample_pairs(key, n, path, cfg.time_sampler, equal_ratio=cfg.equal_ratio,
+                            mean=cfg.time_mean, std=cfg.time_std)
 
 
 def noisy(key: Array, x0: Array, t: Array, path: paths.Path) -> tuple[Array, Array, Array]:
@@ -59,17 +66,6 @@ def mean_sq(x: Array) -> Array:
 
 # ----------------------------------------------------------------------------- tangent family
 
-AUX_KEY = "loss_weight"  # objective-owned parameters (sCM's learned weighting w_phi) in params
-
-
-def split_aux(params):
-  """``(network params, objective params or None)``: methods with a learned loss weighting keep
-  it under ``params[AUX_KEY]`` beside the network's own (nested-dict) parameters."""
-  if isinstance(params, dict) and AUX_KEY in params:
-    return {k: v for k, v in params.items() if k != AUX_KEY}, params[AUX_KEY]
-  return params, None
-
-
 def target_velocity(cfg, teacher, x: Array, t: Array, v_cond: Array,
                     cond: Array | None = None) -> Array:
   """The ODE velocity a tangent follows: ``cfg.velocity = 'conditional'`` (``v(x_t | x_0)``,
@@ -90,18 +86,3 @@ def require(cfg, *, param: str | None = None, path: str | None = None, method: s
     raise ValueError(f"{method} is written for param={param!r}, got {cfg.param!r}")
   if path is not None and cfg.path != path:
     raise ValueError(f"{method} is written for path={path!r}, got {cfg.path!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class StripAux:
-  """A network that ignores ``params[AUX_KEY]``: what the train loop builds for methods with
-  ``aux_init``, so sampling and evaluation call it with the full parameter tree. Hashable."""
-  net: Any
-
-  def __call__(self, params, x, t, s, cond=None):
-    return self.net(split_aux(params)[0], x, t, s, cond)
-
-
-def with_aux(net, params, aux):
-  """``(StripAux(net), params + {AUX_KEY: aux})``."""
-  return StripAux(net), {**params, AUX_KEY: aux}

@@ -33,7 +33,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fmdistill import paths
 from fmdistill.paths import bcast
 
 Array = jax.Array
@@ -188,26 +187,3 @@ def log_weight(wparams: dict, times: list[Array]) -> Array:
 def learned_weighting(err: Array, logw: Array) -> Array:
   """sCM eq. (adaptive weighting): ``e^{w} err - w`` per example; ``err`` already divided by D."""
   return jnp.exp(logw) * err - logw
-
-
-# ----------------------------------------------------------------------------- times
-
-
-def sample_times(key: Array, n: int, cfg, path: paths.Path) -> Array:
-  """``t (n,)`` from ``cfg.time_sampler``; the sCM sampler is rescaled to ``[0, T]`` on paths
-  other than TrigFlow (``t = T * (2/pi) arctan(e^{P_mean + P_std n})``, FACM's choice)."""
-  if cfg.time_sampler == "scm":
-    u = paths.scm_time(key, n, cfg.time_mean, cfg.time_std,
-                       cfg.sigma_d if path.name == "trigflow" else 1.0)
-    return u if path.name == "trigflow" else u * (path.T / (math.pi / 2))
-  return paths.sample_time(key, n, cfg.time_sampler, T=path.T, mean=cfg.time_mean,
-                           std=cfg.time_std)
-
-
-def sample_pairs(key: Array, n: int, cfg, path: paths.Path) -> tuple[Array, Array]:
-  """``(t, s)`` with ``s <= t``: two draws sorted, ``s = t`` for a fraction ``cfg.equal_ratio``."""
-  k1, k2, k3 = jax.random.split(key, 3)
-  a, b = sample_times(k1, n, cfg, path), sample_times(k2, n, cfg, path)
-  t, s = jnp.maximum(a, b), jnp.minimum(a, b)
-  equal = jax.random.uniform(k3, (n,)) < cfg.equal_ratio
-  return t, jnp.where(equal, t, s)

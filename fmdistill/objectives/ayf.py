@@ -51,8 +51,12 @@ def lmd_defaults():
   return emd_defaults()
 
 
-def init_aux(key, cfg):
-  return _tangent.init_weighting(key, 2, cfg.weight_freqs)
+def init_weighting(key, ctx):
+  """Params of the optional learned weighting ``w_phi(t, s)`` (the ``weighting`` part)."""
+  return _tangent.init_weighting(key, 2, ctx.config.objective.weight_freqs)
+
+
+WEIGHTING = objectives.Part(init=init_weighting, enabled=lambda cfg: cfg.adaptive_weight)
 
 
 def emd_tangent(net, params, x_t, t, s, v, cond=None, *, r: float = 1.0,
@@ -81,60 +85,63 @@ def _lmd(net, params, ema_params, teacher, x_t, t, s, cond, *, r, fused):
   return F, F_m, _tangent.lagrangian_residual(F_m, dFs, v_end, t, s, r)
 
 
-def _setup(params, ema_params, batch, key, cfg):
+def _setup(batch, key, cfg):
   path = _common.path_of(cfg)
-  net_params, aux = _common.split_aux(params)
-  ema_net = None if ema_params is None else _common.split_aux(ema_params)[0]
   x0 = batch["x"]
   kt, kn, kd = jax.random.split(key, 3)
-  t, s = _tangent.sample_pairs(kt, x0.shape[0], cfg, path)
+  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
   x_t, _, v_cond = _common.noisy(kn, x0, t, path)
   cond = _common.drop_labels(kd, batch.get("cond"), cfg)
-  return net_params, aux, ema_net, t, s, x_t, v_cond, cond
+  return t, s, x_t, v_cond, cond
 
 
-def _finish(F, target, g, aux, t, s, cfg):
+def _finish(F, target, g, weighting, t, s, cfg):
   err = _common.mean_sq(F.astype(jnp.float32) - target)
   per = err
   if cfg.adaptive_weight:
-    if aux is None:
-      raise ValueError(f"adaptive_weight=True needs params[{_common.AUX_KEY!r}] (ayf.init_aux)")
-    per = _tangent.learned_weighting(err, _tangent.log_weight(aux, [t, s]))
+    if weighting is None:
+      raise ValueError("adaptive_weight=True needs weighting= (the 'weighting' part; "
+                       "ayf.init_weighting)")
+    per = _tangent.learned_weighting(err, _tangent.log_weight(weighting, [t, s]))
   loss = jnp.mean(per)
   return loss, {"loss": loss, "residual": jnp.mean(err),
                 "tangent_rms": jnp.mean(jnp.sqrt(_common.mean_sq(g)))}
 
 
-def ayf_emd_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, cfg=None):
+def ayf_emd_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, cfg=None,
+                 weighting=None):
   """AYF-EMD (module docstring). ``batch['x'] (B, ...)``."""
   cfg = cfg or emd_defaults()
   _common.require(cfg, param="displacement", method="AYF")
-  net_params, aux, ema_net, t, s, x_t, v_cond, cond = _setup(params, ema_params, batch, key, cfg)
+  t, s, x_t, v_cond, cond = _setup(batch, key, cfg)
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
   r = _tangent.warmup(step, cfg.tangent_warmup)
-  F, F_m, g = _emd(net, net_params, ema_net, x_t, t, s, v, cond, r=r,
+  F, F_m, g = _emd(net, params, ema_params, x_t, t, s, v, cond, r=r,
                    fused=not cfg.target_ema, time_fd=cfg.time_fd)
   target = F_m.astype(jnp.float32) + _tangent.normalize(g, cfg.tangent_c, cfg.tangent_norm)
-  return _finish(F, jax.lax.stop_gradient(target), g, aux, t, s, cfg)
+  return _finish(F, jax.lax.stop_gradient(target), g, weighting, t, s, cfg)
 
 
-def ayf_lmd_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, cfg=None):
+def ayf_lmd_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, cfg=None,
+                 weighting=None):
   """AYF-LMD (module docstring). ``batch['x'] (B, ...)``; needs ``teacher``."""
   cfg = cfg or lmd_defaults()
   _common.require(cfg, param="displacement", method="AYF")
   if teacher is None:
     raise ValueError("ayf_lmd distils a teacher velocity: pass teacher (set teacher.workdir)")
-  net_params, aux, ema_net, t, s, x_t, _, cond = _setup(params, ema_params, batch, key, cfg)
+  t, s, x_t, _, cond = _setup(batch, key, cfg)
   r = _tangent.warmup(step, cfg.tangent_warmup)
-  F, F_m, g = _lmd(net, net_params, ema_net, teacher, x_t, t, s, cond, r=r,
+  F, F_m, g = _lmd(net, params, ema_params, teacher, x_t, t, s, cond, r=r,
                    fused=not cfg.target_ema)
   target = F_m.astype(jnp.float32) - _tangent.normalize(g, cfg.tangent_c, cfg.tangent_norm)
-  return _finish(F, jax.lax.stop_gradient(target), g, aux, t, s, cfg)
+  return _finish(F, jax.lax.stop_gradient(target), g, weighting, t, s, cfg)
 
 
 objectives.register(objectives.Objective(
     name="ayf_emd", loss=ayf_emd_loss, defaults=emd_defaults, needs_teacher=True,
-    aux_init=init_aux, doc="Align Your Flow, Eulerian map distillation (jvp in x_t, t)"))
+    parts={"weighting": WEIGHTING}, tangent=True,
+    doc="Align Your Flow, Eulerian map distillation (jvp in x_t, t)"))
 objectives.register(objectives.Objective(
     name="ayf_lmd", loss=ayf_lmd_loss, defaults=lmd_defaults, needs_teacher=True,
-    aux_init=init_aux, doc="Align Your Flow, Lagrangian map distillation (jvp in s)"))
+    parts={"weighting": WEIGHTING}, tangent=True,
+    doc="Align Your Flow, Lagrangian map distillation (jvp in s)"))

@@ -79,22 +79,27 @@ def dmd_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   return loss, {"loss": loss, "score_gap": gap}
 
 
-def critic_loss(critic_params, student_params, batch, key, *, net, critic, teacher=None,
-                step=0, cfg=None):
-  """Flow matching of the fake score on the student's current samples (``L_phi``)."""
-  del teacher, step
+def critic_loss(critic_params, student_params, batch, key, *, net, apply, teacher=None,
+                parts=None, step=0, cfg=None):
+  """Flow matching of the fake score on the student's current samples (``L_phi``);
+  ``apply(critic_params, x, t, cond)`` is the critic's velocity (the teacher's architecture)."""
+  del teacher, parts, step
   path = _common.path_of(cfg)
   kg, kn = jax.random.split(key)
   cond = batch.get("cond")
   x0 = jax.lax.stop_gradient(generate(student_params, kg, batch["x"].shape, cond, net=net,
                                       cfg=cfg))
   t, eps, xt = _noise(kn, x0, cfg, path)
-  v = critic(critic_params, xt, t, cond)
+  v = apply(critic_params, xt, t, cond)
   loss = jnp.mean(_common.mean_sq(v - path.velocity(x0, eps, t)))
   return loss, {"critic_loss": loss}
 
 
+# the fake score: the teacher's architecture and weights, trained by its own flow-matching loss
+# on the student's samples, 5 updates per student step (DMD2's two-time-scale rule)
+CRITIC = objectives.Part(init="teacher", network="teacher", loss=critic_loss, updates=5,
+                         optimizer=(("lr", 1e-3),))
+
 objectives.register(objectives.Objective(
-    name="dmd", loss=dmd_loss, defaults=defaults, needs_teacher=True,
-    critic=objectives.Critic(loss=critic_loss, every=1, updates=5),  # DMD2's 5:1 schedule
+    name="dmd", loss=dmd_loss, defaults=defaults, needs_teacher=True, parts={"critic": CRITIC},
     doc="distribution matching distillation with a fake-score critic"))

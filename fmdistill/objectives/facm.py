@@ -88,7 +88,7 @@ def facm_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0,
   path = _common.path_of(cfg)
   x0 = batch["x"]
   kt, kn, kd = jax.random.split(key, 3)
-  t = jnp.clip(_tangent.sample_times(kt, x0.shape[0], cfg, path), cfg.t_min, path.T)
+  t = jnp.clip(_common.sample_t(kt, x0.shape[0], cfg, path), cfg.t_min, path.T)
   x_t, _, v_cond = _common.noisy(kn, x0, t, path)
   cond = _common.drop_labels(kd, batch.get("cond"), cfg)
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
@@ -110,5 +110,6 @@ def facm_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0,
 
 
 objectives.register(objectives.Objective(
-    name="facm", loss=facm_loss, defaults=defaults, needs_teacher=True,
+    name="facm", loss=facm_loss, defaults=defaults, needs_teacher=True, tangent=True,
+    consistency=True,
     doc="Flow-anchored consistency model: s = 0 jvp target + FM anchor on t' in [1, 2]"))

@@ -92,7 +92,7 @@ def _setup(batch, key, cfg):
   path = _common.path_of(cfg)
   x0 = batch["x"]
   kt, kn, kd = jax.random.split(key, 3)
-  t, s = _tangent.sample_pairs(kt, x0.shape[0], cfg, path)
+  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
   x_t, _, v_cond = _common.noisy(kn, x0, t, path)
   return t, s, x_t, v_cond, _common.drop_labels(kd, batch.get("cond"), cfg)
 
@@ -152,4 +152,4 @@ for _name, _fn, _self in (("fmm_forward", fmm_forward_loss, False),
                           ("fmm_backward_self", fmm_backward_self_loss, True)):
   objectives.register(objectives.Objective(
       name=_name, loss=_fn, defaults=self_defaults if _self else defaults,
-      needs_teacher=not _self, doc=_fn.__doc__))
+      needs_teacher=not _self, tangent=True, doc=_fn.__doc__))

@@ -88,7 +88,7 @@ def meanflow_loss(params, batch, key, *, net, teacher=None, ema_params=None, ste
   path = _common.path_of(cfg)
   x0 = batch["x"]
   kt, kn, kd = jax.random.split(key, 3)
-  t, s = _tangent.sample_pairs(kt, x0.shape[0], cfg, path)
+  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
   x_t, _, v_cond = _common.noisy(kn, x0, t, path)
   cond = _common.drop_labels(kd, batch.get("cond"), cfg)
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
@@ -103,8 +103,9 @@ def meanflow_loss(params, batch, key, *, net, teacher=None, ema_params=None, ste
 
 
 objectives.register(objectives.Objective(
-    name="meanflow", loss=meanflow_loss, defaults=defaults,
+    name="meanflow", loss=meanflow_loss, defaults=defaults, tangent=True,
     doc="MeanFlow from scratch: average-velocity target from one jax.jvp of the student"))
 objectives.register(objectives.Objective(
     name="meanflow_distill", loss=meanflow_loss, defaults=distill_defaults, needs_teacher=True,
+    tangent=True,
     doc="MeanFlow with the frozen teacher's velocity in the target (Eulerian distillation)"))

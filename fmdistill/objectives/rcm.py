@@ -36,12 +36,13 @@ def _dmd_cfg(cfg):
   return sub
 
 
-def rcm_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=0, cfg=None):
+def rcm_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=0, cfg=None,
+             weighting=None):
   """``L_sCM + lambda L_DMD`` (module docstring); metrics of both terms."""
   cfg = cfg or defaults()
   k_scm, k_dmd = jax.random.split(key)
   l_scm, m_scm = scm.scm_loss(params, batch, k_scm, net=net, teacher=teacher,
-                              ema_params=ema_params, step=step, cfg=cfg)
+                              ema_params=ema_params, step=step, cfg=cfg, weighting=weighting)
   l_dmd, m_dmd = dmd.dmd_loss(params, batch, k_dmd, net=net, teacher=teacher, critic=critic,
                               step=step, cfg=_dmd_cfg(cfg))
   on = (jnp.asarray(step) >= cfg.dmd_start).astype(jnp.float32)
@@ -50,13 +51,16 @@ def rcm_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
                 "score_gap": m_dmd["score_gap"], "residual": m_scm["residual"]}
 
 
-def critic_loss(critic_params, student_params, batch, key, *, net, critic, teacher=None,
-                step=0, cfg=None):
-  return dmd.critic_loss(critic_params, student_params, batch, key, net=net, critic=critic,
-                         teacher=teacher, step=step, cfg=_dmd_cfg(cfg))
+def critic_loss(critic_params, student_params, batch, key, *, net, apply, teacher=None,
+                parts=None, step=0, cfg=None):
+  return dmd.critic_loss(critic_params, student_params, batch, key, net=net, apply=apply,
+                         teacher=teacher, parts=parts, step=step, cfg=_dmd_cfg(cfg))
 
 
 objectives.register(objectives.Objective(
-    name="rcm", loss=rcm_loss, defaults=defaults, needs_teacher=True, aux_init=scm.init_aux,
-    critic=objectives.Critic(loss=critic_loss, every=1, updates=1),
+    name="rcm", loss=rcm_loss, defaults=defaults, needs_teacher=True,
+    parts={"weighting": scm.WEIGHTING,
+           "critic": objectives.Part(init="teacher", network="teacher", loss=critic_loss,
+                                     optimizer=(("lr", 1e-3),))},
+    tangent=True, consistency=True,
     doc="rCM: sCM distillation + 0.01 x DMD with a fake-score critic"))

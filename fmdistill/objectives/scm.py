@@ -55,9 +55,13 @@ def cd_defaults():
   return cfg
 
 
-def init_aux(key, cfg):
-  """Params of the learned weighting ``w_phi(t)`` (stored under ``params[AUX_KEY]``)."""
-  return _tangent.init_weighting(key, 1, cfg.weight_freqs)
+def init_weighting(key, ctx):
+  """Params of the learned weighting ``w_phi(t)`` (the ``weighting`` part)."""
+  return _tangent.init_weighting(key, 1, ctx.config.objective.weight_freqs)
+
+
+# sCM's w_phi: a part trained jointly with the student by the same loss (its gradient in phi)
+WEIGHTING = objectives.Part(init=init_weighting, enabled=lambda cfg: cfg.adaptive_weight)
 
 
 def _outputs(net, params, ema_params, x_t, t, v, cond, *, sigma_d, r, fused, time_fd):
@@ -85,39 +89,41 @@ def tangent(net, params, x_t, t, v, cond=None, *, sigma_d: float = 1.0, r: float
                   time_fd=time_fd)[2]
 
 
-def scm_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, cfg=None):
-  """sCM (module docstring). ``batch['x'] (B, ...)``; ``params[AUX_KEY]`` holds ``w_phi`` when
-  ``adaptive_weight``. Metrics: loss, mean squared residual, tangent RMS, warmup ``r``."""
+def scm_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, cfg=None,
+             weighting=None):
+  """sCM (module docstring). ``batch['x'] (B, ...)``; ``weighting`` holds ``w_phi``'s params
+  when ``adaptive_weight`` (the ``weighting`` part, trained jointly by this loss). Metrics:
+  loss, mean squared residual, tangent RMS, warmup ``r``."""
   cfg = cfg or ct_defaults()
   _common.require(cfg, param="trigflow", path="trigflow", method="sCM")
   path = _common.path_of(cfg)
-  net_params, aux = _common.split_aux(params)
-  ema_net = None if ema_params is None else _common.split_aux(ema_params)[0]
   x0 = batch["x"]
   kt, kn, kd = jax.random.split(key, 3)
-  t = jnp.clip(_tangent.sample_times(kt, x0.shape[0], cfg, path), cfg.t_min, path.T - cfg.t_min)
+  t = jnp.clip(_common.sample_t(kt, x0.shape[0], cfg, path), cfg.t_min, path.T - cfg.t_min)
   x_t, _, v_cond = _common.noisy(kn, x0, t, path)
   cond = _common.drop_labels(kd, batch.get("cond"), cfg)
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
   r = _tangent.warmup(step, cfg.tangent_warmup)
-  F, F_m, g = _outputs(net, net_params, ema_net, x_t, t, v, cond, sigma_d=cfg.sigma_d, r=r,
+  F, F_m, g = _outputs(net, params, ema_params, x_t, t, v, cond, sigma_d=cfg.sigma_d, r=r,
                        fused=not cfg.target_ema, time_fd=cfg.time_fd)
   g_n = _tangent.normalize(g, cfg.tangent_c, cfg.tangent_norm)
   err = _common.mean_sq(F.astype(jnp.float32) - F_m.astype(jnp.float32) - g_n)
   per = err
   if cfg.adaptive_weight:
-    if aux is None:
-      raise ValueError(f"adaptive_weight=True needs params[{_common.AUX_KEY!r}] "
-                       "(scm.init_aux); the train loop adds it")
-    per = _tangent.learned_weighting(err, _tangent.log_weight(aux, [t]))
+    if weighting is None:
+      raise ValueError("adaptive_weight=True needs weighting= (w_phi's params, the 'weighting' "
+                       "part; scm.init_weighting); the train loop passes it")
+    per = _tangent.learned_weighting(err, _tangent.log_weight(weighting, [t]))
   loss = jnp.mean(per)
   return loss, {"loss": loss, "residual": jnp.mean(err),
                 "tangent_rms": jnp.mean(jnp.sqrt(_common.mean_sq(g))), "warmup_r": r}
 
 
 objectives.register(objectives.Objective(
-    name="scm_ct", loss=scm_loss, defaults=ct_defaults, aux_init=init_aux,
+    name="scm_ct", loss=scm_loss, defaults=ct_defaults, parts={"weighting": WEIGHTING},
+    tangent=True, consistency=True,
     doc="sCM consistency training on TrigFlow (jvp tangent, normalisation, warmup, w_phi)"))
 objectives.register(objectives.Objective(
-    name="scm_cd", loss=scm_loss, defaults=cd_defaults, needs_teacher=True, aux_init=init_aux,
+    name="scm_cd", loss=scm_loss, defaults=cd_defaults, needs_teacher=True,
+    parts={"weighting": WEIGHTING}, tangent=True, consistency=True,
     doc="sCM consistency distillation on TrigFlow from a frozen (guided) teacher velocity"))

@@ -99,3 +99,15 @@ def jit(fn, **kw):
   """``jax.jit`` with XLA's backend optimisation off: these tests compile many small graphs
   once each, and on CPU compilation dominates their run time (about 2x faster this way)."""
   return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kw)
+
+
+def joint_parts(name, cfg, key=None):
+  """Initial parameters of the method's parts trained jointly with the student (sCM's and
+  AYF's learned weighting), as the loss's keyword arguments: ``{'weighting': ...}`` or {}."""
+  import types
+  from fmdistill import objectives
+  key = jax.random.key(0) if key is None else key
+  ctx = types.SimpleNamespace(config=types.SimpleNamespace(objective=cfg))
+  parts = objectives.entry(name).parts_for(cfg)
+  return {n: p.init(jax.random.fold_in(key, i), ctx)
+          for i, (n, p) in enumerate(sorted(parts.items())) if p.joint}

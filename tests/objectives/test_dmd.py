@@ -33,10 +33,10 @@ def _batch(n=4096):
 def test_critic_gradient_vanishes_at_the_students_velocity():
   student_dist = oracle.Gaussian(jnp.array([0.3, 0.2]), jnp.array([0.9, 0.5]))
   net = exact_student(student_dist)
-  loss = objectives.entry("dmd").critic.loss
+  loss = objectives.entry("dmd").parts["critic"].loss
   grad = lambda cp: jax.grad(lambda p: loss(p, {"b": jnp.zeros(2)}, _batch(200_000),
                                             jax.random.key(0), net=net,
-                                            critic=gaussian_velocity, cfg=CFG)[0])(cp)
+                                            apply=gaussian_velocity, cfg=CFG)[0])(cp)
   exact = {"mu": student_dist.mu, "log_s": jnp.log(student_dist.scale)}
   g = grad(exact)
   g_off = grad({"mu": exact["mu"] + 0.3, "log_s": exact["log_s"]})
@@ -60,8 +60,8 @@ def test_generator_gradient_vanishes_on_the_data_and_points_home_off_it():
 
 
 def test_student_distribution_converges_to_the_data():
-  """Alternating updates (the registry's schedule: ``critic.updates`` fake-score steps, then one
-  student step) move a 1-step MLP generator from N(0, I) onto the data Gaussian (mean and
+  """Alternating updates (the registry's schedule: ``parts['critic'].updates`` fake-score
+  steps, then one student step) move a 1-step MLP generator from N(0, I) onto the data Gaussian (mean and
   per-axis std within 0.08)."""
   mcfg = base("dmd").model
   mcfg.width, mcfg.depth = 64, 2
@@ -76,10 +76,10 @@ def test_student_distribution_converges_to_the_data():
   @jax.jit
   def step(params, st, cp, cst, i):
     kc, ks = jax.random.split(jax.random.fold_in(jax.random.key(5), i))
-    for j in range(entry.critic.updates):
-      gc = jax.grad(lambda c: entry.critic.loss(c, params, batch, jax.random.fold_in(kc, j),
-                                                net=net, critic=gaussian_velocity,
-                                                cfg=CFG)[0])(cp)
+    part = entry.parts["critic"]
+    for j in range(part.updates):
+      gc = jax.grad(lambda c: part.loss(c, params, batch, jax.random.fold_in(kc, j),
+                                        net=net, apply=gaussian_velocity, cfg=CFG)[0])(cp)
       upd, cst = copt.update(gc, cst, cp)
       cp = optax.apply_updates(cp, upd)
     critic = lambda x, t, cond=None: gaussian_velocity(cp, x, t)

@@ -59,16 +59,16 @@ def test_loss_and_gradient_vanish_at_the_exact_map(name):
   entry = objectives.entry(name.replace("_order2", ""))
   teacher = lambda x, t, s=None, cond=None: o.G.velocity(tpath, x, t)
   params = o.exact_params()
-  if entry.aux_init is not None:
+  if "weighting" in entry.parts:
     cfg.adaptive_weight = True
-    params[_common.AUX_KEY] = entry.aux_init(jax.random.key(0), cfg)
+  parts = o.joint_parts(entry.name, cfg)
   batch = {"x": o.G.sample(jax.random.key(1), 512)}
 
   @o.jit
   def value_and_grad(p):
     return jax.value_and_grad(lambda q: entry.loss(q, batch, jax.random.key(2), net=net,
                                                    teacher=teacher, ema_params=None,
-                                                   step=BIG_STEP, cfg=cfg)[0])(p)
+                                                   step=BIG_STEP, cfg=cfg, **parts)[0])(p)
   loss, g = value_and_grad(params)
   assert abs(float(loss)) < 1e-5, float(loss)
   # MeanFlow's adaptive weight 1/(err + c)^p and FACM's norm-L2 multiply the gradient of the

@@ -7,7 +7,6 @@ import pytest
 import tangent_oracle as o
 from fmdistill import models, objectives, paths
 from fmdistill.config import base
-from fmdistill.objectives import _common
 
 METHODS = ["scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
            "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self"]
@@ -24,19 +23,17 @@ def _mlp(dtype, name, width=32):
 
 
 def _call(name, net, params, key, cfg, n=512):
+  """The loss; ``params = (network params, {jointly trained part: params})``."""
   path = paths.get_path(cfg.path, cfg.sigma_d)
   teacher = lambda x, t, s=None, cond=None: o.G.velocity(path, x, t)
   batch = {"x": o.G.sample(jax.random.key(7), n)}
-  return objectives.get(name)(params, batch, key, net=net, teacher=teacher, ema_params=None,
-                              step=10 ** 6, cfg=cfg)[0]
+  p, parts = params
+  return objectives.get(name)(p, batch, key, net=net, teacher=teacher, ema_params=None,
+                              step=10 ** 6, cfg=cfg, **parts)[0]
 
 
 def _with_aux(name, params, cfg):
-  entry = objectives.entry(name)
-  if entry.aux_init is not None:
-    params = dict(params)
-    params[_common.AUX_KEY] = entry.aux_init(jax.random.key(2), cfg)
-  return params
+  return params, o.joint_parts(name, cfg, jax.random.key(2))
 
 
 @pytest.mark.parametrize("name", METHODS)

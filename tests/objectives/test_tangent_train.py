@@ -32,11 +32,10 @@ def train(name, steps=STEPS, lr=3e-3, cfg=None):
     cfg.tangent_warmup = steps // 4
   path = paths.get_path(cfg.path, cfg.sigma_d)
   mcfg = base(name).model
-  mcfg.width, mcfg.depth, mcfg.time_scale = 64, 2, 1.0
+  mcfg.width, mcfg.depth = 64, 2
   net, params = models.build(mcfg, (2,), 0, jax.random.key(0))
   entry = objectives.entry(name)
-  if entry.aux_init is not None:
-    params[_common.AUX_KEY] = entry.aux_init(jax.random.key(1), cfg)
+  params = (params, o.joint_parts(name, cfg, jax.random.key(1)))  # the weighting trains too
   teacher = lambda x, t, s=None, cond=None: o.G.velocity(path, x, t)
   opt = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05))
   state = opt.init(params)
@@ -44,15 +43,15 @@ def train(name, steps=STEPS, lr=3e-3, cfg=None):
   @o.jit
   def step(params, state, i):
     b = {"x": o.G.sample(jax.random.fold_in(jax.random.key(10), i), 256)}
-    g = jax.grad(lambda p: entry.loss(p, b, jax.random.fold_in(jax.random.key(11), i), net=net,
-                                      teacher=teacher, ema_params=None, step=i, cfg=cfg)[0])(
-        params)
+    g = jax.grad(lambda p: entry.loss(p[0], b, jax.random.fold_in(jax.random.key(11), i),
+                                      net=net, teacher=teacher, ema_params=None, step=i, cfg=cfg,
+                                      **p[1])[0])(params)
     upd, state = opt.update(g, state, params)
     return optax.apply_updates(params, upd), state
 
   for i in range(steps):
     params, state = step(params, state, i)
-  return net, _common.split_aux(params)[0], cfg, path
+  return net, params[0], cfg, path
 
 
 def one_step_error(f, path):
