@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmdistill import objectives, parallel, runs as runs_lib, train
+from fmdistill import objectives, parallel, runs as runs_lib, train, workdir as workdir_lib
 from fmdistill.errors import ConfigError, Preempted
 from fmdistill.eval import evaluate as evaluate_lib, plots, report
 
@@ -81,7 +81,8 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
   for name, cfg in steps:
     wd = dirs[name]
     if mode == "train":
-      if chain and runs_lib.is_finished(wd) and not overwrite:
+      if (chain and not overwrite and runs_lib.is_finished(wd, cfg.train.steps)
+          and workdir_lib.same_experiment(wd, cfg)):
         print(f"stage {name!r}: already finished in {wd}, skipping", file=sys.stderr)
       else:
         train.train_and_evaluate(cfg, wd, progress=progress, overwrite=overwrite)

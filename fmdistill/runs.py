@@ -33,12 +33,14 @@ def latest_step(workdir: str) -> int | None:
   return checkpoint.manager(workdir, read_only=True).latest_step()
 
 
-def is_finished(workdir: str) -> bool:
-  """Whether ``workdir`` holds a run whose newest checkpoint reached its ``train.steps``."""
+def is_finished(workdir: str, steps: int | None = None) -> bool:
+  """Whether ``workdir`` holds a run whose newest checkpoint reached ``steps`` (default: the
+  ``train.steps`` it was started with)."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return False
   step = latest_step(workdir)
-  return step is not None and step >= int(read_config(workdir).train.steps)
+  steps = int(read_config(workdir).train.steps) if steps is None else steps
+  return step is not None and step >= steps
 
 
 def load_state(workdir: str, step: int | None = None) -> dict:

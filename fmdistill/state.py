@@ -51,16 +51,18 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_schedule(t: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
-  """``t.schedule`` over ``steps`` updates: linear warmup to ``t.lr``, then constant or
-  cosine decay to ``t.lr * t.final_lr``."""
-  warm = max(t.warmup_steps, 1)
+  """``t.schedule`` over ``steps`` updates: linear warmup over ``t.warmup_steps`` updates (none
+  if 0: the first update uses ``t.lr``), then constant or cosine decay to ``t.lr * t.final_lr``."""
+  if t.schedule not in ("constant", "cosine"):
+    raise ConfigError(f"schedule must be 'constant' or 'cosine', got {t.schedule!r}")
   if t.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, warm),
-                                 optax.constant_schedule(t.lr)], [warm])
-  if t.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warm, max(steps, t.warmup_steps + 1),
-                                              t.lr * t.final_lr)
-  raise ConfigError(f"schedule must be 'constant' or 'cosine', got {t.schedule!r}")
+    main = optax.constant_schedule(t.lr)
+  else:
+    main = optax.cosine_decay_schedule(t.lr, max(steps - t.warmup_steps, 1), alpha=t.final_lr)
+  if t.warmup_steps <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), main],
+                              [t.warmup_steps])
 
 
 def make_optimizer(t: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:

@@ -95,31 +95,34 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
         out[n] = w if apply[n] is None else functools.partial(apply[n], w)
     return out
 
-  def part_step(state: TrainState, name: str, batch: dict, key: Array, bound) -> tuple:
+  def part_step(state: TrainState, name: str, batch: dict, key: Array, bound,
+                k: Array) -> tuple:
+    """``updates`` updates of part ``name`` if student step ``k`` is on its schedule."""
     part, spec = parts[name], config.parts[name]
     others = frozen_parts(state, exclude=name)
     student = sg(state.params)
 
-    def one(ps, k):
-      fn = lambda w: part.loss(w, student, batch, k, net=net, apply=apply[name], teacher=bound,
-                               parts=others, step=state.step, cfg=ocfg)
+    def one(ps, key_):
+      fn = lambda w: part.loss(w, student, batch, key_, net=net, apply=apply[name], teacher=bound,
+                               parts=others, step=k, cfg=ocfg)
       (loss, _), g = jax.value_and_grad(fn, has_aux=True)(ps.params)
       ps, _ = _update_part(ps, popt[name], loss, g, spec.ema_decay)
       return ps, loss
     run = lambda ps: jax.lax.scan(one, ps, jax.random.split(key, spec.updates))
     idle = lambda ps: (ps, jnp.full((spec.updates,), jnp.nan, jnp.float32))
-    active = (state.step % spec.every == 0) & (state.step >= spec.start)
+    active = (k % spec.every == 0) & (k >= spec.start)
     ps, losses = jax.lax.cond(active, run, idle, state.parts[name])
     state = state.replace(parts={**state.parts, name: ps})
     return state, {f"{name}_loss": jnp.nanmean(losses), f"{name}_skipped": ps.skipped}
 
   def step_fn(state: TrainState, batch: dict, tparams: Any):
     key, k_loss, k_parts = jax.random.split(state.key, 3)
+    k = state.step  # the student step this call performs (parts are scheduled by it)
     bound = teacher_lib.bind(teacher, tparams, config)
     metrics = {}
     for i, n in enumerate(parts):
       if not parts[n].joint and parts[n].order == "before":
-        state, m = part_step(state, n, batch, jax.random.fold_in(k_parts, i), bound)
+        state, m = part_step(state, n, batch, jax.random.fold_in(k_parts, i), bound, k)
         metrics.update(m)
     target = state.ema[ocfg.target_ema] if ocfg.target_ema else state.params
     frozen = frozen_parts(state)
@@ -143,7 +146,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
         consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1))
     for i, n in enumerate(parts):
       if not parts[n].joint and parts[n].order == "after":
-        state, m = part_step(state, n, batch, jax.random.fold_in(k_parts, i), bound)
+        state, m = part_step(state, n, batch, jax.random.fold_in(k_parts, i), bound, k)
         metrics.update(m)
     metrics.update(aux)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),

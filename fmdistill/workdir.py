@@ -41,6 +41,22 @@ def differences(old: dict, new: dict) -> list[str]:
           if a.get(k) != b.get(k)]
 
 
+FILLED_IN = ("data_shape", "objective.num_classes", "model.native_param", "model.native_path",
+             "model.native_sigma_d")  # set by train.setup from the data and the teacher
+
+
+def same_experiment(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether ``workdir`` holds the experiment ``config`` describes, before ``train.setup``
+  fills in the fields it derives (``FILLED_IN``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  return not [d for d in differences(old, new) if d.split(":")[0] not in FILLED_IN]
+
+
 def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> None:
   """Refuse a workdir that holds a different experiment; with ``overwrite``, move it aside."""
   path = os.path.join(workdir, "config.json")

@@ -62,10 +62,11 @@ def tiny_teacher(root, tmp_path_factory):
   return str(wd)
 
 
-@pytest.mark.parametrize("method", ["flow_matching", "meanflow", "dmd"])
+@pytest.mark.parametrize("method", ["flow_matching", "scm_ct", "dmd"])
 def test_sigkill_then_rerun_is_bit_identical(root, tmp_path, method, request):
-  """FM, a tangent-family method (one jvp per step) and a method with a critic (alternating
-  updates, two optimisers): killed at a random step, rerun, identical to an uninterrupted run."""
+  """FM, a tangent-family method with a jointly trained part (sCM: one jvp per step, learned
+  weighting) and a method with a critic part (alternating updates, two optimisers): killed at
+  a random step, rerun, identical to an uninterrupted run."""
   steps = ["--config.train.steps=60"]
   if method == "dmd":
     steps.append(f"--config.teacher.workdir={request.getfixturevalue('tiny_teacher')}")
@@ -87,6 +88,8 @@ def test_sigkill_then_rerun_is_bit_identical(root, tmp_path, method, request):
   a, b = _final_state(tmp_path / "ref"), _final_state(wd)
   assert int(a["step"]) == int(b["step"]) == 60
   _assert_identical(a, b)  # params, EMA, optimiser states (critic too), RNG key, counters
+  if method == "scm_ct":
+    assert int(a["parts"]["weighting"]["count"]) == 60
   if method == "dmd":
     assert set(a["parts"]["critic"]) >= {"params", "opt_state", "count", "skipped"}
     assert int(a["parts"]["critic"]["count"]) == 60 * 5  # 5 critic updates per student step
