@@ -55,7 +55,8 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
     if len(data_shape) != 3:
       raise ConfigError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
     module = DiT(tuple(data_shape), cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
-                 num_classes, dtype, cfg.attn_impl, rngs=rngs)
+                 num_classes, dtype, cfg.attn_impl, qk_norm=bool(cfg.get("qk_norm", False)),
+                 rngs=rngs)
   module.time.scale = float(cfg.get("time_scale", 1000.0))  # static: part of the graphdef
   graphdef, state = nnx.split(module)
   return Network(graphdef), nnx.to_pure_dict(state)
