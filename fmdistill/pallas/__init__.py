@@ -35,7 +35,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
               causal: bool = False, scale: float | None = None, impl: str = "auto",
               block_q: int | None = None, block_k: int | None = None,
               interpret: bool | None = None) -> jax.Array:
-  """Softmax attention: q ``(B, Nq, H, D)``, k/v ``(B, Nk, H, D)`` -> ``(B, Nq, H, D)``.
+  """Softmax attention: q ``(B, Nq, H, D)``, k/v ``(B, Nk, Hkv, D)`` -> ``(B, Nq, H, D)``.
+
+  ``Hkv`` divides ``H`` (grouped-query attention; ``Hkv = H`` is multi-head attention).
 
   key_mask: optional ``(B, Nk)`` bool, True where a key may be attended to; causal masks
   keys after the query (Nq == Nk); scale defaults to ``D ** -0.5``. Rows with every key

@@ -62,7 +62,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array,
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec),
       grid=g.grid_q,
-      in_specs=[g.seq_block(g.bq), g.seq_full(g.nk_p), g.seq_full(g.nk_p),
+      in_specs=[g.seq_block(g.bq), g.seq_full(g.nk_p, kv=True), g.seq_full(g.nk_p, kv=True),
                 g.valid_full(g.nk_p)],
       out_specs=[g.seq_block(g.bq), g.row_block(g.bq)],
       out_shape=[cm.out_struct(qp.shape, q.dtype, qp),
@@ -142,8 +142,8 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
   qp, kp, vp = g.q_in(q), g.k_in(k), g.k_in(v)
   args = (qp, kp, vp, g.valid_in(kvalid), g.q_in(do), g.rows_in(lse, cm.POS_INF),
           g.rows_in(delta, 0.0))
-  full_q, full_k = g.seq_full(g.nq_p), g.seq_full(g.nk_p)
-  blk_q, blk_k = g.seq_block(g.bq), g.seq_block(g.bk)
+  full_q, full_k = g.seq_full(g.nq_p), g.seq_full(g.nk_p, kv=True)
+  blk_q, blk_k, out_k = g.seq_block(g.bq), g.seq_block(g.bk, kv=True), g.seq_block(g.bk)
   full_row, blk_row = g.row_full(g.nq_p), g.row_block(g.bq)
   params = dict(interpret=spec.interpret, compiler_params=cm.compiler_params(spec))
 
@@ -151,8 +151,9 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
       functools.partial(_dkdv_kernel, spec=spec),
       grid=g.grid_k,
       in_specs=[full_q, blk_k, blk_k, g.valid_block(g.bk), full_q, full_row, full_row],
-      out_specs=[blk_k, blk_k],
-      out_shape=[cm.out_struct(kp.shape, k.dtype, qp), cm.out_struct(vp.shape, v.dtype, qp)],
+      out_specs=[out_k, out_k],  # per query head; k_out sums shared heads
+      out_shape=[cm.out_struct(g.out_shape(g.nk_p), k.dtype, qp),
+                 cm.out_struct(g.out_shape(g.nk_p), v.dtype, qp)],
       name="fmdistill_flash_bwd_dkdv", **params,
   )(*args)
   dq = pl.pallas_call(

@@ -125,7 +125,7 @@ def _tangent(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: jax
   """
   g = cm.Geometry.of(q, k, spec)
   qs = [g.q_in(x) for x in (q, dq, o)]
-  blk_q, full_k, blk_row = g.seq_block(g.bq), g.seq_full(g.nk_p), g.row_block(g.bq)
+  blk_q, full_k, blk_row = g.seq_block(g.bq), g.seq_full(g.nk_p, kv=True), g.row_block(g.bq)
   do, mu = pl.pallas_call(
       functools.partial(_tangent_kernel, spec=spec),
       grid=g.grid_q,
@@ -149,7 +149,7 @@ def _online(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, dq: jax
   float32."""
   g = cm.Geometry.of(q, k, spec)
   qp = g.q_in(q)
-  blk_q, full_k, blk_row = g.seq_block(g.bq), g.seq_full(g.nk_p), g.row_block(g.bq)
+  blk_q, full_k, blk_row = g.seq_block(g.bq), g.seq_full(g.nk_p, kv=True), g.row_block(g.bq)
   row = cm.out_struct((g.b, g.h, g.nq_p, 1), jnp.float32, qp)
   o, do, lse, mu = pl.pallas_call(
       functools.partial(_online_kernel, spec=spec),

@@ -165,8 +165,8 @@ def jvp_backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array,
   rows = [g.rows_in(lse, cm.POS_INF), g.rows_in(mu, 0.0), g.rows_in(rowdot(gt, o), 0.0),
           g.rows_in(c0, 0.0)]
   args = (*qside, *kside, g.valid_in(kvalid), *rows)
-  full_q, full_k = g.seq_full(g.nq_p), g.seq_full(g.nk_p)
-  blk_q, blk_k = g.seq_block(g.bq), g.seq_block(g.bk)
+  full_q, full_k = g.seq_full(g.nq_p), g.seq_full(g.nk_p, kv=True)
+  blk_q, blk_k, out_k = g.seq_block(g.bq), g.seq_block(g.bk, kv=True), g.seq_block(g.bk)
   params = dict(interpret=spec.interpret, compiler_params=cm.compiler_params(spec))
   like = qside[0]
 
@@ -175,9 +175,8 @@ def jvp_backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array,
       grid=g.grid_k,
       in_specs=[full_q] * len(qside) + [blk_k] * 4 + [g.valid_block(g.bk)]
       + [g.row_full(g.nq_p)] * 4,
-      out_specs=[blk_k] * 4,
-      out_shape=[cm.out_struct(kside[i].shape, x.dtype, like)
-                 for i, x in ((0, k), (2, v), (1, dk), (3, dv))],
+      out_specs=[out_k] * 4,  # per query head; k_out sums shared heads
+      out_shape=[cm.out_struct(g.out_shape(g.nk_p), x.dtype, like) for x in (k, v, dk, dv)],
       name="fmdistill_jvp_bwd_keys", **params,
   )(*args)
   gq, gdq = pl.pallas_call(

@@ -80,6 +80,21 @@ class PallasAttentionTest(parameterized.TestCase):
     tu.assert_close(jax.grad(_loss(pal), argnums=(0, 1, 2))(*args),
                     jax.grad(_loss(ref), argnums=(0, 1, 2))(*args), tu.TOL[jnp.float32])
 
+  def test_grouped_query_heads(self):
+    """GQA: 4 query heads share 2 key/value heads (cross-attention, masked)."""
+    q = tu.qkv(2, (tu.B, tu.N, 4, tu.D), n=1)[0]
+    k, v = tu.qkv(3, (tu.B, 23, 2, tu.D), n=2)
+    mask = tu.key_mask(1, tu.B, 23)
+    pal, ref = self.fns(key_mask=mask)
+    dq = jnp.cos(q)
+    tangents = (dq, jnp.sin(k), v * 0.5)
+    tu.assert_close(jax.jvp(pal, (q, k, v), tangents), jax.jvp(ref, (q, k, v), tangents),
+                    tu.TOL[jnp.float32])
+    tu.assert_close(jax.grad(_loss(pal), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(_loss(ref), argnums=(0, 1, 2))(q, k, v), tu.TOL[jnp.float32])
+    with self.assertRaisesRegex(ValueError, "multiple"):
+      pal(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
+
   def test_uneven_blocks_and_scale(self):
     """block_q != block_k with a causal mask and a custom softmax scale."""
     q, k, v = tu.qkv(3)

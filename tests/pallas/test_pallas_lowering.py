@@ -49,15 +49,17 @@ def transform(name: str, attn):
   return jax.grad(lambda *a: losses[name](*jvp(*a)), argnums=range(6))
 
 
-def _stablehlo(fn, platform: str) -> str:
+def _stablehlo(fn, platform: str, kv_heads: int = 8) -> str:
   s = jax.ShapeDtypeStruct((1, N, 8, 64), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, N, kv_heads, 64), jnp.float32)
   old = jax.config.jax_pallas_use_mosaic_gpu
   # On a GPU the kernels pass Triton compiler params; here the host is CPU, so pick Triton
   # through the config flag instead.
   jax.config.update("jax_pallas_use_mosaic_gpu", False)
   try:
     checks = [export.DisabledSafetyCheck.custom_call(TARGETS[platform])]
-    exp = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*[s] * 6)
+    exp = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
+        s, kv, kv, s, kv, kv)
   finally:
     jax.config.update("jax_pallas_use_mosaic_gpu", old)
   return exp.mlir_module()
@@ -81,6 +83,13 @@ class PallasLoweringTest(parameterized.TestCase):
         self.assertFalse(_has_square(text))
         self.assertTrue(_has_square(_stablehlo(transform(name, _attn("xla", platform)),
                                                platform)))
+
+  @parameterized.parameters("cuda", "tpu")
+  def test_grouped_query_heads_lower(self, platform):
+    """8 query heads sharing 2 key/value heads: same kernels, key-side BlockSpecs mapped."""
+    text = _stablehlo(transform("grad_both", _attn("pallas", platform)), platform, kv_heads=2)
+    self.assertEqual(text.count(f"custom_call @{TARGETS[platform]}"), KERNELS["grad_both"])
+    self.assertFalse(_has_square(text))
 
 
 if __name__ == "__main__":

@@ -76,10 +76,22 @@ class PallasSecondOrderTest(parameterized.TestCase):
     ref = functools.partial(attention_reference, key_mask=mask)
     self.check(_jvp_of(pal), _jvp_of(ref), args, tol=tu.TOL[jnp.bfloat16])
 
+  def test_grouped_query_heads(self):
+    """GQA (2 query heads per key/value head), cross-attention with a key mask."""
+    q, dq = tu.qkv(2, (tu.B, tu.N, 4, tu.D), n=2)
+    k, v, dk, dv = tu.qkv(3, (tu.B, 23, 2, tu.D), n=4)
+    mask = tu.key_mask(1, tu.B, 23)
+    pal = functools.partial(attention, key_mask=mask, impl="pallas", block_q=tu.BLOCK,
+                            block_k=tu.BLOCK, interpret=self.INTERPRET)
+    ref = functools.partial(attention_reference, key_mask=mask)
+    self.check(_jvp_of(pal), _jvp_of(ref), (q, k, v, dq, dk, dv))
+
   def test_public_attention_jvp_head_major(self):
     """``attention_jvp`` (the one-pass kernel called directly) is differentiable the same
-    way, here in the head-major (TPU) layout with a causal mask."""
-    args = self.inputs()
+    way, here in the head-major (TPU) layout with a causal mask and one shared key/value
+    head (multi-query attention)."""
+    q, k, v, dq, dk, dv = self.inputs()
+    args = (q, k[:, :, :1], v[:, :, :1], dq, dk[:, :, :1], dv[:, :, :1])
     mask = tu.key_mask(1, tu.B, tu.N)
     pal = functools.partial(attention_jvp, key_mask=mask, causal=True, block_q=tu.BLOCK,
                             block_k=tu.BLOCK, interpret=self.INTERPRET, head_major=True)
