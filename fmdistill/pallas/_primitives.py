@@ -10,7 +10,7 @@ primitive      operands -> results                                         kerne
                t_v, t_dq, t_dk, t_dv) -> (t_o, t_do)``                     only)
 =============  ==========================================================  ==================
 
-Shapes: q/o/do ``(B, Nq, H, D)``, k/v ``(B, Nk, H, D)``, kvalid ``(B, Nk)`` int32, lse/mu
+Shapes: q/o/do ``(B, Nq, H, D)``, k/v ``(B, Nk, Hkv, D)``, kvalid ``(B, Nk)`` int32, lse/mu
 ``(B, H, Nq)`` float32 with ``mu = rowsum(P * dS)``. lse and mu are residual outputs: their
 tangents are zero (like ``stop_gradient``); only the internal rules consume them.
 

@@ -37,7 +37,8 @@ Works with: ``jax.grad``/``vjp``, ``jax.jvp``/``linearize``, grad of a jvp throu
 primal and/or tangent, ``jit``, ``vmap`` (the primitives fold mapped axes into the batch
 axis), ``jax.checkpoint``, ``lax.scan``, ``shard_map`` with the default ``check_vma`` (outputs
 vary over the inputs' manual axes), float32 and bfloat16 (float32 accumulation),
-self- and cross-attention (``Nq != Nk``), key masks, causal masks.
+self- and cross-attention (``Nq != Nk``), grouped-query heads (k/v with fewer heads than
+q), key masks, causal masks.
 
 Limits
 ------
@@ -86,8 +87,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      head_major: bool | None = None) -> jax.Array:
   """Pallas flash attention with grad, jvp and grad of a jvp (primal and tangent).
 
-  q ``(B, Nq, H, D)``, k/v ``(B, Nk, H, D)``, key_mask ``(B, Nk)`` bool (True = attend)
-  -> ``(B, Nq, H, D)`` in q's dtype.
+  q ``(B, Nq, H, D)``, k/v ``(B, Nk, Hkv, D)`` (``Hkv`` divides ``H``), key_mask ``(B, Nk)``
+  bool (True = attend) -> ``(B, Nq, H, D)`` in q's dtype.
   """
   spec = cm.make_spec(q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
                       interpret=interpret, head_major=head_major)
