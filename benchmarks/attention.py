@@ -1,22 +1,33 @@
-"""Memory (and CPU wall clock) of jvp(attention) and the MeanFlow pattern: XLA vs Pallas.
+"""Memory, kernel launches (and CPU wall clock) of attention transforms: XLA vs Pallas.
 
 Usage (from the repository root)::
 
-  python benchmarks/attention.py [--ns 256,512,1024,2048,4096,8192] [--time-ns 256,512,1024]
+  python benchmarks/attention.py [--ns 1024,2048,4096,8192] [--time-ns 256,1024]
+
+Transforms, on q, k, v, dq, dk, dv ``(B, N, H, D)``:
+
+* ``value``: ``attention(q, k, v)``.
+* ``jvp``: ``jax.jvp(attention, (q, k, v), (dq, dk, dv))``.
+* ``MF`` (MeanFlow/sCM pattern): ``grad_{q,k,v} sum((o - sg(o + do))^2)`` with
+  ``(o, do) = jvp(attention)``: gradient through the primal, tangent under stop_gradient.
+* ``iMF`` (improved MeanFlow / TVM pattern): ``grad_{q,k,v,dq,dk,dv} sum((o + do)^2)``:
+  gradient through the primal and the tangent.
 
 Memory is the compiled peak *temp* allocation (``memory_analysis().temp_size_in_bytes``;
 arguments and outputs excluded) of ``jax.jit(f).lower(...).compile()`` for the default
-backend, nothing is executed. Shapes: B=1, H=8, D=64, float32. Two Pallas figures:
+backend; nothing is executed. Shapes: B=1, H=8, D=64, float32. Two Pallas figures:
 
 * ``interp``: the kernels lowered with ``interpret=True`` (the only Pallas lowering on CPU).
   The HLO interpreter turns every ``pallas_call`` into a while loop whose state holds a copy
   of every kernel operand and output, so this over-counts a compiled kernel by a few O(N)
   buffers. It never contains an N x N buffer.
-* ``online-jvp``: the one-pass fused online JVP kernel (``attention_jvp``), interpret mode.
 * ``opaque``: the same program with each ``pallas_call`` swapped for a shape-only host
   callback (an opaque custom call that reads its operands in place and allocates only its
   outputs -- which is how a compiled Triton/Mosaic kernel uses HBM; its tiles live in
   SRAM/VMEM). This is the HBM footprint of everything around the kernels.
+
+Kernel launches are the ``pallas_call``s of each transform's jaxpr
+(``fmdistill.pallas.kernel_count``), identical on every platform.
 """
 from __future__ import annotations
 
@@ -34,14 +45,17 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fmdistill.pallas import attention, attention_jvp  # noqa: E402
+from fmdistill.pallas import attention  # noqa: E402
+from fmdistill.pallas.kernel_count import pallas_call_count  # noqa: E402
 
 B, H, D = 1, 8, 64
 MB = 2 ** 20
+NAMES = ("value", "jvp", "MF", "iMF")
+sg = jax.lax.stop_gradient
 
 
-def make_fns(impl: str):
-  """(jvp, meanflow) closures over q, k, v, dq, dk, dv ``(B, N, H, D)``."""
+def make_fns(impl: str) -> dict:
+  """Transform name -> closure over ``(q, k, v, dq, dk, dv)`` (see module doc)."""
   attn = lambda q, k, v: attention(q, k, v, impl=impl)
 
   def jvp(q, k, v, dq, dk, dv):
@@ -49,16 +63,15 @@ def make_fns(impl: str):
 
   def meanflow(q, k, v, dq, dk, dv):
     def loss(q, k, v):
-      o, do = jax.jvp(attn, (q, k, v), (dq, dk, dv))
-      return jnp.sum((o - jax.lax.stop_gradient(o + do)) ** 2)
+      o, do = jvp(q, k, v, dq, dk, dv)
+      return jnp.sum((o - sg(o + do)) ** 2)
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  return jvp, meanflow
+  def improved_meanflow(*args):
+    return jax.grad(lambda *a: jnp.sum(sum(jvp(*a)) ** 2), argnums=range(6))(*args)
 
-
-def online_jvp(q, k, v, dq, dk, dv):
-  """The one-pass fused online JVP kernel (forward-only; not what jax.jvp runs)."""
-  return attention_jvp(q, k, v, dq, dk, dv, interpret=jax.default_backend() == "cpu")
+  return dict(value=lambda q, k, v, *_: attn(q, k, v), jvp=jvp, MF=meanflow,
+              iMF=improved_meanflow)
 
 
 @contextlib.contextmanager
@@ -85,9 +98,12 @@ def opaque_kernels():
     jax.clear_caches()
 
 
+def shapes(n: int) -> list[jax.ShapeDtypeStruct]:
+  return [jax.ShapeDtypeStruct((B, n, H, D), jnp.float32)] * 6
+
+
 def temp_mb(fn, n: int) -> float:
-  s = jax.ShapeDtypeStruct((B, n, H, D), jnp.float32)
-  compiled = jax.jit(fn).lower(*[s] * 6).compile()
+  compiled = jax.jit(fn).lower(*shapes(n)).compile()
   return compiled.memory_analysis().temp_size_in_bytes / MB
 
 
@@ -112,30 +128,47 @@ def machine() -> str:
           f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
 
 
+def launch_table() -> list[str]:
+  pal, xla = make_fns("pallas"), make_fns("xla")
+  grad = lambda impl: lambda q, k, v, *_: jax.grad(
+      lambda q, k, v: jnp.sum(attention(q, k, v, impl=impl) ** 2), argnums=(0, 1, 2))(q, k, v)
+  fns = dict(pal, grad=grad("pallas"))
+  order = ("value", "jvp", "grad", "MF", "iMF")
+  rows = ["| impl | " + " | ".join(order) + " |", "|---|" + "---:|" * len(order),
+          "| pallas | " + " | ".join(str(pallas_call_count(fns[k], *shapes(256)))
+                                     for k in order) + " |",
+          "| xla | " + " | ".join(str(pallas_call_count(f, *shapes(256))) for f in
+                                  (xla["value"], xla["jvp"], grad("xla"), xla["MF"],
+                                   xla["iMF"])) + " |"]
+  print("\n".join(rows), flush=True)
+  return rows
+
+
 def memory_table(ns: list[int]) -> list[str]:
   xla, pal = make_fns("xla"), make_fns("pallas")
-  rows = ["| N | jvp XLA | jvp Pallas interp | jvp Pallas opaque | online-jvp interp "
-          "| MF XLA | MF Pallas interp | MF Pallas opaque | XLA/Pallas-interp: jvp, MF |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  head = " | ".join(f"{n} XLA | {n} interp | {n} opaque" for n in NAMES)
+  rows = [f"| N | {head} | XLA/interp: " + ", ".join(NAMES) + " |",
+          "|---:|" + "---:|" * (3 * len(NAMES) + 1)]
   print("\n".join(rows), flush=True)
   for n in ns:
-    x = [temp_mb(f, n) for f in xla]
-    p = [temp_mb(f, n) for f in (*pal, online_jvp)]
+    x = [temp_mb(xla[k], n) for k in NAMES]
+    p = [temp_mb(pal[k], n) for k in NAMES]
     with opaque_kernels():
-      o = [temp_mb(f, n) for f in pal]
-    rows.append(f"| {n} | {x[0]:.1f} | {p[0]:.1f} | {o[0]:.2f} | {p[2]:.1f} | {x[1]:.1f} "
-                f"| {p[1]:.1f} | {o[1]:.2f} | {x[0] / p[0]:.0f}x, {x[1] / p[1]:.0f}x |")
+      o = [temp_mb(pal[k], n) for k in NAMES]
+    cells = " | ".join(f"{a:.1f} | {b:.1f} | {c:.2f}" for a, b, c in zip(x, p, o))
+    ratios = ", ".join(f"{a / b:.0f}x" for a, b in zip(x, p))
+    rows.append(f"| {n} | {cells} | {ratios} |")
     print(rows[-1], flush=True)
   return rows
 
 
 def time_table(ns: list[int], repeats: int) -> list[str]:
   xla, pal = make_fns("xla"), make_fns("pallas")
-  rows = ["| N | jvp XLA ms | jvp Pallas ms | online-jvp Pallas ms | MF XLA ms | MF Pallas ms |",
-          "|---:|---:|---:|---:|---:|---:|"]
+  rows = ["| N | " + " | ".join(f"{k} XLA ms | {k} Pallas ms" for k in NAMES) + " |",
+          "|---:|" + "---:|" * (2 * len(NAMES))]
   print("\n".join(rows), flush=True)
   for n in ns:
-    t = [wall_ms(f, n, repeats) for f in (xla[0], pal[0], online_jvp, xla[1], pal[1])]
+    t = [wall_ms(f[k], n, repeats) for k in NAMES for f in (xla, pal)]
     rows.append("| " + " | ".join([str(n)] + [f"{x:.1f}" for x in t]) + " |")
     print(rows[-1], flush=True)
   return rows
@@ -143,16 +176,17 @@ def time_table(ns: list[int], repeats: int) -> list[str]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--ns", default="256,512,1024,2048,4096,8192")
-  parser.add_argument("--time-ns", default="256,512,1024")
+  parser.add_argument("--ns", default="1024,2048,4096,8192")
+  parser.add_argument("--time-ns", default="256,1024")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   print(machine())
   print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
-  print(f"B={B} H={H} D={D} float32; jvp = jax.jvp(attention, (q,k,v), (dq,dk,dv)); "
-        "MF = grad_{q,k,v} sum((o - sg(o + do))^2) with (o, do) = jvp(attention).")
+  print(f"B={B} H={H} D={D} float32; see the module docstring for the transforms.")
   print("impl='pallas' on CPU = interpret=True; block_q = block_k = 64.\n")
-  print("Compiled peak temp memory, MB (temp_size_in_bytes / 2^20; see module docstring):")
+  print("Kernel launches (pallas_calls) per transform:")
+  launch_table()
+  print("\nCompiled peak temp memory, MB (temp_size_in_bytes / 2^20; see module docstring):")
   memory_table([int(n) for n in args.ns.split(",") if n])
   if args.time_ns:
     print(f"\nCPU wall clock, median of {args.repeats} after one warm-up run. Pallas runs in "

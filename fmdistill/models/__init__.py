@@ -25,7 +25,7 @@ MODELS = ("mlp", "dit")
 # model fields that define the function a set of weights computes (a student initialised from
 # a teacher must agree with it on all of them); dtype and attention impl only change precision
 FUNCTION_FIELDS = ("name", "width", "depth", "patch", "heads", "mlp_ratio", "time_embedding",
-                   "time_scale")
+                   "time_scale", "qk_norm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -65,7 +65,8 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
     if len(data_shape) != 3:
       raise ConfigError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
     module = DiT(tuple(data_shape), cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
-                 num_classes, dtype, cfg.attn_impl, time=time, rngs=rngs)
+                 num_classes, dtype, cfg.attn_impl, qk_norm=bool(cfg.get("qk_norm", False)),
+                 time=time, rngs=rngs)
   graphdef, state = nnx.split(module)
   return Network(graphdef), nnx.to_pure_dict(state)
 

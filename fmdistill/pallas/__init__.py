@@ -4,9 +4,10 @@
 
 * ``'xla'``: the plain XLA reference (``attention_reference``); materialises ``N x N`` scores.
 * ``'pallas'``: the Pallas flash kernels with a custom JVP rule (design and limits in
-  ``fused_attention``): ``jax.grad`` runs the flash backward kernels, ``jax.jvp`` the flash
-  forward and flash tangent kernels, and the MeanFlow/sCM pattern (grad through ``o`` of
-  ``o, do = jax.jvp(...)`` with ``do`` under ``stop_gradient``) works, all in O(N) memory.
+  ``fused_attention``): ``jax.grad`` runs the flash backward kernels, ``jax.jvp`` the
+  one-pass JVP kernel, and ``jax.grad`` of ``o, do = jax.jvp(...)`` -- through ``o``
+  (MeanFlow/sCM), through ``do`` (improved MeanFlow, TVM) or both -- runs that kernel and
+  the tangent-backward kernels, all in O(N) memory.
   On CPU there is no Pallas backend, so ``impl='pallas'`` runs the kernels with
   ``interpret=True`` (slow; for tests). It never falls back to XLA.
 * ``'auto'``: ``'pallas'`` when the default backend is GPU or TPU, ``'xla'`` on CPU.
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import jax
 
-from fmdistill.pallas.flash_jvp import attention_jvp
-from fmdistill.pallas.fused_attention import pallas_attention
+from fmdistill.pallas.fused_attention import attention_jvp, pallas_attention
 from fmdistill.pallas.reference import attention_reference
 
 IMPLS = ("auto", "xla", "pallas")
@@ -35,7 +35,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
               causal: bool = False, scale: float | None = None, impl: str = "auto",
               block_q: int | None = None, block_k: int | None = None,
               interpret: bool | None = None) -> jax.Array:
-  """Softmax attention: q ``(B, Nq, H, D)``, k/v ``(B, Nk, H, D)`` -> ``(B, Nq, H, D)``.
+  """Softmax attention: q ``(B, Nq, H, D)``, k/v ``(B, Nk, Hkv, D)`` -> ``(B, Nq, H, D)``.
+
+  ``Hkv`` divides ``H`` (grouped-query attention; ``Hkv = H`` is multi-head attention).
 
   key_mask: optional ``(B, Nk)`` bool, True where a key may be attended to; causal masks
   keys after the query (Nq == Nk); scale defaults to ``D ** -0.5``. Rows with every key

@@ -49,6 +49,8 @@ def make_spec(q: jax.Array, k: jax.Array, *, causal: bool, scale: float | None,
   block_k = (128 if platform == "tpu" else 64) if block_k is None else block_k
   if q.ndim != 4 or k.ndim != 4:
     raise ValueError(f"expected (B, N, H, D) inputs, got q {q.shape}, k {k.shape}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
   if causal and q.shape[1] != k.shape[1]:
     raise ValueError(f"causal attention needs Nq == Nk, got {q.shape[1]} and {k.shape[1]}")
   for name, b in (("block_q", block_q), ("block_k", block_k)):
@@ -80,9 +82,16 @@ def compiler_params(spec: Spec):
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """Shapes of one call and conversions between model and kernel layouts."""
+  """Shapes of one call and conversions between model and kernel layouts.
+
+  ``h`` query heads share ``hkv`` key/value heads (GQA; ``hkv = h`` is plain multi-head
+  attention): query head ``i`` reads key/value head ``i // (h // hkv)``. Grids run over
+  query heads; key-side BlockSpecs (``kv=True``) map to the shared head in place. Key-side
+  cotangents are computed per query head and summed over each group by ``k_out``.
+  """
   b: int
   h: int
+  hkv: int
   nq: int
   nk: int
   d: int
@@ -93,7 +102,10 @@ class Geometry:
   @staticmethod
   def of(q: jax.Array, k: jax.Array, spec: Spec) -> "Geometry":
     b, nq, h, d = q.shape
-    return Geometry(b, h, nq, k.shape[1], d, spec.block_q, spec.block_k, spec.head_major)
+    return Geometry(b, h, k.shape[2], nq, k.shape[1], d, spec.block_q, spec.block_k,
+                    spec.head_major)
+
+  rep = property(lambda self: self.h // self.hkv)
 
   nq_p = property(lambda self: round_up(self.nq, self.bq))
   nk_p = property(lambda self: round_up(self.nk, self.bk))
@@ -128,7 +140,13 @@ class Geometry:
     return self.from_kernel(x, self.nq)
 
   def k_out(self, x: jax.Array) -> jax.Array:
-    return self.from_kernel(x, self.nk)
+    """Per-query-head key-side result -> ``(B, Nk, Hkv, d)``, summed over head groups."""
+    x = self.from_kernel(x, self.nk)
+    if self.rep == 1:
+      return x
+    b, n, _, d = x.shape
+    x32 = x.reshape(b, n, self.hkv, self.rep, d).astype(jnp.float32)
+    return x32.sum(axis=3).astype(x.dtype)
 
   def rows_in(self, x: jax.Array, value: float) -> jax.Array:
     """Row statistic ``(B, H, Nq)`` -> ``(B, H, Nq_pad, 1)`` padded with ``value``."""
@@ -148,17 +166,27 @@ class Geometry:
 
   # BlockSpecs for a grid ``(B, H, blocks)``; ``t`` indexes blocks along the sequence.
 
-  def seq_block(self, size: int) -> pl.BlockSpec:
-    """Tile ``t`` ``(size, dp)`` of one (batch, head) of a q/k/v-like array."""
+  def seq_block(self, size: int, kv: bool = False) -> pl.BlockSpec:
+    """Tile ``t`` ``(size, dp)`` of one (batch, head) of a q/k/v-like array; ``kv``: of the
+    key/value head shared by query head ``h``."""
+    hd = self._head_of(kv)
     if self.head_major:
-      return pl.BlockSpec((None, None, size, self.dp), lambda b, h, t: (b, h, t, 0))
-    return pl.BlockSpec((None, size, None, self.dp), lambda b, h, t: (b, t, h, 0))
+      return pl.BlockSpec((None, None, size, self.dp), lambda b, h, t: (b, hd(h), t, 0))
+    return pl.BlockSpec((None, size, None, self.dp), lambda b, h, t: (b, t, hd(h), 0))
 
-  def seq_full(self, n: int) -> pl.BlockSpec:
-    """The whole sequence ``(n, dp)`` of one (batch, head)."""
+  def seq_full(self, n: int, kv: bool = False) -> pl.BlockSpec:
+    """The whole sequence ``(n, dp)`` of one (batch, head); ``kv`` as in ``seq_block``."""
+    hd = self._head_of(kv)
     if self.head_major:
-      return pl.BlockSpec((None, None, n, self.dp), lambda b, h, t: (b, h, 0, 0))
-    return pl.BlockSpec((None, n, None, self.dp), lambda b, h, t: (b, 0, h, 0))
+      return pl.BlockSpec((None, None, n, self.dp), lambda b, h, t: (b, hd(h), 0, 0))
+    return pl.BlockSpec((None, n, None, self.dp), lambda b, h, t: (b, 0, hd(h), 0))
+
+  def _head_of(self, kv: bool):
+    """Block index map of the head axis: query head ``h`` or its shared key/value head
+    (``lax.div``: ``//`` on a traced int lowers through ``sign``, which Mosaic rejects)."""
+    if not kv or self.rep == 1:
+      return lambda h: h
+    return lambda h: lax.div(h, self.rep)
 
   def out_shape(self, n: int):
     return (self.b, self.h, n, self.dp) if self.head_major else (self.b, n, self.h, self.dp)

@@ -62,7 +62,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array,
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec),
       grid=g.grid_q,
-      in_specs=[g.seq_block(g.bq), g.seq_full(g.nk_p), g.seq_full(g.nk_p),
+      in_specs=[g.seq_block(g.bq), g.seq_full(g.nk_p, kv=True), g.seq_full(g.nk_p, kv=True),
                 g.valid_full(g.nk_p)],
       out_specs=[g.seq_block(g.bq), g.row_block(g.bq)],
       out_shape=[cm.out_struct(qp.shape, q.dtype, qp),
@@ -142,8 +142,8 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
   qp, kp, vp = g.q_in(q), g.k_in(k), g.k_in(v)
   args = (qp, kp, vp, g.valid_in(kvalid), g.q_in(do), g.rows_in(lse, cm.POS_INF),
           g.rows_in(delta, 0.0))
-  full_q, full_k = g.seq_full(g.nq_p), g.seq_full(g.nk_p)
-  blk_q, blk_k = g.seq_block(g.bq), g.seq_block(g.bk)
+  full_q, full_k = g.seq_full(g.nq_p), g.seq_full(g.nk_p, kv=True)
+  blk_q, blk_k, out_k = g.seq_block(g.bq), g.seq_block(g.bk, kv=True), g.seq_block(g.bk)
   full_row, blk_row = g.row_full(g.nq_p), g.row_block(g.bq)
   params = dict(interpret=spec.interpret, compiler_params=cm.compiler_params(spec))
 
@@ -151,8 +151,9 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
       functools.partial(_dkdv_kernel, spec=spec),
       grid=g.grid_k,
       in_specs=[full_q, blk_k, blk_k, g.valid_block(g.bk), full_q, full_row, full_row],
-      out_specs=[blk_k, blk_k],
-      out_shape=[cm.out_struct(kp.shape, k.dtype, qp), cm.out_struct(vp.shape, v.dtype, qp)],
+      out_specs=[out_k, out_k],  # per query head; k_out sums shared heads
+      out_shape=[cm.out_struct(g.out_shape(g.nk_p), k.dtype, qp),
+                 cm.out_struct(g.out_shape(g.nk_p), v.dtype, qp)],
       name="fmdistill_flash_bwd_dkdv", **params,
   )(*args)
   dq = pl.pallas_call(
@@ -164,43 +165,3 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: ja
       name="fmdistill_flash_bwd_dq", **params,
   )(*args)
   return g.q_out(dq), g.k_out(dk), g.k_out(dv)
-
-
-# ---------------------------------------------------------------- differentiable wrapper
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def flash_forward(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array,
-                  spec: Spec) -> tuple[jax.Array, jax.Array]:
-  """(o, lse) of the flash forward kernel; reverse mode runs the flash backward kernels."""
-  return _forward(q, k, v, kvalid, spec)
-
-
-def _flash_forward_fwd(q, k, v, kvalid, spec):
-  o, lse = _forward(q, k, v, kvalid, spec)
-  return (o, lse), (q, k, v, kvalid, o, lse)
-
-
-def _flash_forward_bwd(spec, res, cts):
-  q, k, v, kvalid, o, lse = res
-  do, dlse = cts
-  dq, dk, dv = _backward(q, k, v, kvalid, o, lse, do, dlse, spec)
-  return dq, dk, dv, None
-
-
-flash_forward.defvjp(_flash_forward_fwd, _flash_forward_bwd)
-
-
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                    key_mask: jax.Array | None = None, causal: bool = False,
-                    scale: float | None = None, block_q: int | None = None,
-                    block_k: int | None = None, interpret: bool = False,
-                    head_major: bool | None = None) -> jax.Array:
-  """Flash attention, reverse-mode differentiable (no JVP rule; see ``flash_jvp``).
-
-  q ``(B, Nq, H, D)``, k/v ``(B, Nk, H, D)``, key_mask ``(B, Nk)`` bool -> ``(B, Nq, H, D)``.
-  """
-  spec = cm.make_spec(q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-                      interpret=interpret, head_major=head_major)
-  kvalid = cm.default_kvalid(k, key_mask)
-  return flash_forward(q, k, v, kvalid, spec)[0]

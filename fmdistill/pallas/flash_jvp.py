@@ -6,16 +6,18 @@ With ``S = q k^T * scale``, ``dS = (dq k^T + q dk^T) * scale`` and ``P = softmax
     do = P dv + (P * dS) v - rowsum(P * dS) * o
 
 (from ``dP = P * (dS - rowsum(P * dS))``). Two kernels, both one pass over key blocks per
-query block:
+query block, and both also return ``mu = rowsum(P * dS)`` (float32 ``(B, H, Nq)``), the
+row statistic the tangent-backward kernels (``jvp_backward``) need:
 
 * ``_tangent``: given the forward's ``o`` and ``lse``, ``P = exp(S - lse)`` is exact per
   block, so no running max is needed (5 block matmuls); ``-rowsum(P dS) o`` is subtracted
-  block by block. This is what ``jax.jvp`` of the
-  public attention runs after the flash forward, and what its transpose pairs with.
-* ``_online`` (public ``attention_jvp``): o and do together from scratch with the online
-  softmax trick (6 block matmuls, one kernel): running max ``m``, sum ``l``,
-  ``acc_o = sum p v``, ``acc_t = sum p dv + (p * dS) v``, ``mu = sum p * dS`` (all rescaled by
+  block by block. It runs when the tangent is separated from the primal: ``jax.linearize``
+  and plain ``jax.grad`` (see ``_partial_eval``), where its transpose is the flash backward.
+* ``_online``: o and do together from scratch with the online softmax trick (6 block
+  matmuls, one kernel, one read of K/V): running max ``m``, sum ``l``, ``acc_o = sum p v``,
+  ``acc_t = sum p dv + (p * dS) v``, ``mu = sum p * dS`` (all rescaled by
   ``exp(m_old - m_new)``); finally ``o = acc_o / l`` and ``do = acc_t / l - (mu / l) o``.
+  This is what ``jax.jvp`` of the public attention runs, also inside ``jax.grad``.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def _block_scores(q, dq, k_rows, dk_rows, valid_rows, ks, q_start, k_start, spec
 
 
 def _tangent_kernel(q_ref, dq_ref, o_ref, lse_ref, k_ref, dk_ref, v_ref, dv_ref, valid_ref,
-                    do_ref, *, spec: Spec):
-  """Grid ``(B, H, Nq_pad // bq)``; q/dq/o/do tiles ``(bq, D)``, lse ``(bq, 1)``, keys
+                    do_ref, mu_ref, *, spec: Spec):
+  """Grid ``(B, H, Nq_pad // bq)``; q/dq/o/do tiles ``(bq, D)``, lse/mu ``(bq, 1)``, keys
   whole ``(Nk_pad, D)``, validity ``(1, Nk_pad)``."""
   bq, bk = spec.block_q, spec.block_k
   qb = pl.program_id(2)
@@ -53,7 +55,8 @@ def _tangent_kernel(q_ref, dq_ref, o_ref, lse_ref, k_ref, dk_ref, v_ref, dv_ref,
   kr, dkr, vr, dvr, validr = _key_rows(spec, k_ref, dk_ref, v_ref, dv_ref, valid_ref)
   o = o_ref[...].astype(jnp.float32)
 
-  def body(j, acc):
+  def body(j, carry):
+    acc, mu = carry
     ks = pl.ds(j * bk, bk)
     s, ds = _block_scores(q, dq, kr, dkr, validr, ks, qb * bq, j * bk, spec)
     p = jnp.exp(s - lse)  # lse = +inf on empty rows -> p = 0
@@ -62,17 +65,20 @@ def _tangent_kernel(q_ref, dq_ref, o_ref, lse_ref, k_ref, dk_ref, v_ref, dv_ref,
     # The -rowsum(P dS) o term is linear in the blocks, so it is subtracted per block (one
     # (bq, D) FMA). Keeping every use of the loaded o inside the loop also keeps interpret
     # mode under shard_map's check_vma happy (see ``_common.Rows``).
-    return (acc + cm.dot(p.astype(dv.dtype), dv) + cm.dot(pds.astype(v.dtype), v)
-            - jnp.sum(pds, axis=1, keepdims=True) * o)
+    mu_j = jnp.sum(pds, axis=1, keepdims=True)
+    acc = (acc + cm.dot(p.astype(dv.dtype), dv) + cm.dot(pds.astype(v.dtype), v) - mu_j * o)
+    return acc, mu + mu_j
 
   nkb = cm.num_k_blocks(qb, bq, bk, k_ref.shape[0], spec.causal)
-  acc = lax.fori_loop(0, nkb, body, jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
+  init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32), jnp.zeros((bq, 1), jnp.float32))
+  acc, mu = lax.fori_loop(0, nkb, body, init)
   do_ref[...] = acc.astype(do_ref.dtype)
+  mu_ref[...] = mu
 
 
 def _online_kernel(q_ref, dq_ref, k_ref, dk_ref, v_ref, dv_ref, valid_ref,
-                   o_ref, do_ref, lse_ref, *, spec: Spec):
-  """Grid ``(B, H, Nq_pad // bq)``: o, do and lse in one online-softmax pass."""
+                   o_ref, do_ref, lse_ref, mu_ref, *, spec: Spec):
+  """Grid ``(B, H, Nq_pad // bq)``: o, do, lse and mu in one online-softmax pass."""
   bq, bk = spec.block_q, spec.block_k
   qb = pl.program_id(2)
   q, dq = q_ref[...], dq_ref[...]
@@ -105,67 +111,55 @@ def _online_kernel(q_ref, dq_ref, k_ref, dk_ref, v_ref, dv_ref, valid_ref,
   o_ref[...] = o.astype(o_ref.dtype)
   do_ref[...] = (acc_t / l_safe - (mu / l_safe) * o).astype(do_ref.dtype)
   lse_ref[...] = jnp.where(empty, cm.POS_INF, m + jnp.log(l_safe))
+  mu_ref[...] = mu / l_safe
 
 
 def _tangent(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, o: jax.Array,
              lse: jax.Array, dq: jax.Array, dk: jax.Array, dv: jax.Array,
-             spec: Spec) -> jax.Array:
+             spec: Spec) -> tuple[jax.Array, jax.Array]:
   """Tangent of attention at (q, k, v) along (dq, dk, dv), given the forward's o and lse.
 
   q/o/dq ``(B, Nq, H, D)``, k/v/dk/dv ``(B, Nk, H, D)``, kvalid ``(B, Nk)``,
-  lse ``(B, H, Nq)`` -> do ``(B, Nq, H, D)`` in q's dtype.
+  lse ``(B, H, Nq)`` -> do ``(B, Nq, H, D)`` in q's dtype and mu = rowsum(P * dS)
+  ``(B, H, Nq)`` float32.
   """
   g = cm.Geometry.of(q, k, spec)
   qs = [g.q_in(x) for x in (q, dq, o)]
-  blk_q, full_k = g.seq_block(g.bq), g.seq_full(g.nk_p)
-  do = pl.pallas_call(
+  blk_q, full_k, blk_row = g.seq_block(g.bq), g.seq_full(g.nk_p, kv=True), g.row_block(g.bq)
+  do, mu = pl.pallas_call(
       functools.partial(_tangent_kernel, spec=spec),
       grid=g.grid_q,
-      in_specs=[blk_q, blk_q, blk_q, g.row_block(g.bq), full_k, full_k, full_k, full_k,
+      in_specs=[blk_q, blk_q, blk_q, blk_row, full_k, full_k, full_k, full_k,
                 g.valid_full(g.nk_p)],
-      out_specs=blk_q,
-      out_shape=cm.out_struct(qs[0].shape, q.dtype, qs[0]),
+      out_specs=[blk_q, blk_row],
+      out_shape=[cm.out_struct(qs[0].shape, q.dtype, qs[0]),
+                 cm.out_struct((g.b, g.h, g.nq_p, 1), jnp.float32, qs[0])],
       interpret=spec.interpret,
       compiler_params=cm.compiler_params(spec),
       name="fmdistill_flash_tangent",
   )(*qs, g.rows_in(lse, cm.POS_INF), *(g.k_in(x) for x in (k, dk, v, dv)),
     g.valid_in(kvalid))
-  return g.q_out(do)
+  return g.q_out(do), g.rows_out(mu)
 
 
 def _online(q: jax.Array, k: jax.Array, v: jax.Array, kvalid: jax.Array, dq: jax.Array,
             dk: jax.Array, dv: jax.Array, spec: Spec
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One-pass fused JVP: -> o, do ``(B, Nq, H, D)`` and lse ``(B, H, Nq)`` float32."""
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One-pass fused JVP -> o, do ``(B, Nq, H, D)`` (q's dtype), lse and mu ``(B, H, Nq)``
+  float32."""
   g = cm.Geometry.of(q, k, spec)
   qp = g.q_in(q)
-  blk_q, full_k = g.seq_block(g.bq), g.seq_full(g.nk_p)
-  o, do, lse = pl.pallas_call(
+  blk_q, full_k, blk_row = g.seq_block(g.bq), g.seq_full(g.nk_p, kv=True), g.row_block(g.bq)
+  row = cm.out_struct((g.b, g.h, g.nq_p, 1), jnp.float32, qp)
+  o, do, lse, mu = pl.pallas_call(
       functools.partial(_online_kernel, spec=spec),
       grid=g.grid_q,
       in_specs=[blk_q, blk_q, full_k, full_k, full_k, full_k, g.valid_full(g.nk_p)],
-      out_specs=[blk_q, blk_q, g.row_block(g.bq)],
+      out_specs=[blk_q, blk_q, blk_row, blk_row],
       out_shape=[cm.out_struct(qp.shape, q.dtype, qp),
-                 cm.out_struct(qp.shape, q.dtype, qp),
-                 cm.out_struct((g.b, g.h, g.nq_p, 1), jnp.float32, qp)],
+                 cm.out_struct(qp.shape, q.dtype, qp), row, row],
       interpret=spec.interpret,
       compiler_params=cm.compiler_params(spec),
       name="fmdistill_flash_jvp_online",
   )(qp, g.q_in(dq), *(g.k_in(x) for x in (k, dk, v, dv)), g.valid_in(kvalid))
-  return g.q_out(o), g.q_out(do), g.rows_out(lse)
-
-
-def attention_jvp(q: jax.Array, k: jax.Array, v: jax.Array, dq: jax.Array, dk: jax.Array,
-                  dv: jax.Array, *, key_mask: jax.Array | None = None, causal: bool = False,
-                  scale: float | None = None, block_q: int | None = None,
-                  block_k: int | None = None, interpret: bool = False,
-                  head_major: bool | None = None) -> tuple[jax.Array, jax.Array]:
-  """``(o, do) = jvp(attention, (q, k, v), (dq, dk, dv))`` in one fused online kernel.
-
-  Shapes as ``attention``. Forward-mode only: not differentiable (use ``jax.jvp`` of
-  ``fmdistill.pallas.attention`` when the result must be differentiated).
-  """
-  spec = cm.make_spec(q, k, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-                      interpret=interpret, head_major=head_major)
-  o, do, _ = _online(q, k, v, cm.default_kvalid(k, key_mask), dq, dk, dv, spec)
-  return o, do
+  return g.q_out(o), g.q_out(do), g.rows_out(lse), g.rows_out(mu)

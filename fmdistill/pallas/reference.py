@@ -15,7 +15,8 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """softmax(q k^T * scale + mask) v.
 
   Args:
-    q: ``(B, Nq, H, D)``; k, v: ``(B, Nk, H, D)``.
+    q: ``(B, Nq, H, D)``; k, v: ``(B, Nk, Hkv, D)`` with ``H`` a multiple of ``Hkv``
+      (grouped-query attention: query head ``i`` uses key/value head ``i // (H // Hkv)``).
     key_mask: optional ``(B, Nk)`` bool, True where a key may be attended to.
     causal: mask keys with index > query index (requires Nq == Nk).
     scale: softmax scale, default ``D ** -0.5``.
@@ -23,6 +24,9 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
     ``(B, Nq, H, D)`` in q's dtype.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if k.shape[2] != q.shape[2]:
+    rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   mask = _mask(q.shape[1], k.shape[1], key_mask, causal)
   if mask is not None:

@@ -2,8 +2,8 @@
 
 Checks that Pallas attention (interpret mode on CPU, or compiled on an accelerator with
 enough devices) under ``jax.shard_map`` over batch and heads -- with the default
-``check_vma=True`` -- equals the unsharded call for forward, jvp, grad and the MeanFlow
-pattern. Prints ``OK <max error>`` on success, raises otherwise.
+``check_vma=True`` -- equals the unsharded call for forward, jvp, grad, the MeanFlow pattern
+and the gradient through the tangent (improved MeanFlow). Prints ``OK <max error>`` on success, raises otherwise.
 """
 import os
 
@@ -29,12 +29,17 @@ def run(q, k, v, mask, dq, dk, dv, interpret: bool):
     o, do = jax.jvp(f, (q, k, v), (dq, dk, dv))
     return jnp.sum((o - jax.lax.stop_gradient(jnp.cos(o) + 0.3 * do)) ** 2)
 
+  def imf(q, k, v, dv):
+    o, do = jax.jvp(f, (q, k, v), (dq, dk, dv))
+    return jnp.sum(jnp.sin(do)) + jnp.sum(o ** 2)
+
   # No key mask (the kernel's validity row is derived from k) and causal.
   fc = lambda q, k, v: attention(q, k, v, causal=True, impl="pallas", block_q=16,
                                  block_k=16, interpret=interpret)
   oc, doc = jax.jvp(fc, (q, k, v), (dq, dk, dv))
   gc = jax.grad(lambda q: jnp.sum(jnp.sin(fc(q, k, v))))(q)
-  return (o, do) + g + jax.grad(meanflow, argnums=(0, 1, 2))(q, k, v) + (oc, doc, gc)
+  return ((o, do) + g + jax.grad(meanflow, argnums=(0, 1, 2))(q, k, v)
+          + jax.grad(imf, argnums=(0, 1, 2, 3))(q, k, v, dv) + (oc, doc, gc))
 
 
 def main():

@@ -12,9 +12,8 @@ import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 
 import pallas_test_util as tu
-from fmdistill.pallas import (_common, attention, attention_jvp, attention_reference,
-                              pallas_attention)
-from fmdistill.pallas import flash_attention
+from fmdistill.pallas import (_common, _primitives, attention, attention_jvp,
+                              attention_reference, pallas_attention)
 
 
 def _loss(attn):
@@ -81,6 +80,21 @@ class PallasAttentionTest(parameterized.TestCase):
     tu.assert_close(jax.grad(_loss(pal), argnums=(0, 1, 2))(*args),
                     jax.grad(_loss(ref), argnums=(0, 1, 2))(*args), tu.TOL[jnp.float32])
 
+  def test_grouped_query_heads(self):
+    """GQA: 4 query heads share 2 key/value heads (cross-attention, masked)."""
+    q = tu.qkv(2, (tu.B, tu.N, 4, tu.D), n=1)[0]
+    k, v = tu.qkv(3, (tu.B, 23, 2, tu.D), n=2)
+    mask = tu.key_mask(1, tu.B, 23)
+    pal, ref = self.fns(key_mask=mask)
+    dq = jnp.cos(q)
+    tangents = (dq, jnp.sin(k), v * 0.5)
+    tu.assert_close(jax.jvp(pal, (q, k, v), tangents), jax.jvp(ref, (q, k, v), tangents),
+                    tu.TOL[jnp.float32])
+    tu.assert_close(jax.grad(_loss(pal), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(_loss(ref), argnums=(0, 1, 2))(q, k, v), tu.TOL[jnp.float32])
+    with self.assertRaisesRegex(ValueError, "multiple"):
+      pal(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
+
   def test_uneven_blocks_and_scale(self):
     """block_q != block_k with a causal mask and a custom softmax scale."""
     q, k, v = tu.qkv(3)
@@ -108,7 +122,6 @@ class PallasAttentionTest(parameterized.TestCase):
     tu.assert_close(f32(grads), jax.grad(_loss(ref), argnums=(0, 1, 2))(*f32(args)),
                     tu.TOL[jnp.bfloat16])
 
-
   def test_head_major_layout(self):
     """The head-major kernel layout (picked on TPU) gives the same jvp and grad."""
     args, (_, ref) = self.case(True, True, d=24)
@@ -121,27 +134,37 @@ class PallasAttentionTest(parameterized.TestCase):
     tu.assert_close(jax.grad(_loss(pal), argnums=(0, 1, 2))(*args),
                     jax.grad(_loss(ref), argnums=(0, 1, 2))(*args), tu.TOL[jnp.float32])
 
-  def test_lse_output_and_gradient(self):
-    """The custom_vjp flash forward also returns lse ``(B, H, N)``; its cotangent is honoured."""
+  def test_row_statistics_and_tangent_transpose(self):
+    """lse and mu = rowsum(P * dS) of the forward, one-pass and tangent kernels, and the
+    tangent kernel's transpose with cotangents on both do and mu."""
     q, k, v = tu.qkv(5)
+    dq, dk, dv = tu.qkv(6)
     mask = tu.key_mask(6, tu.B, tu.N).at[-1, 0].set(True)  # keep lse finite in every row
     spec = _common.make_spec(q, k, causal=True, scale=None, block_q=tu.BLOCK,
                              block_k=tu.BLOCK, interpret=self.INTERPRET)
     kvalid = _common.default_kvalid(k, mask)
+    causal = jnp.tril(jnp.ones((tu.N, tu.N), bool))
 
-    def pal(q, k, v):
-      o, lse = flash_attention.flash_forward(q, k, v, kvalid, spec)
-      return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(lse))
+    def ref(dq, dk, dv):
+      score = lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b) * spec.scale
+      s = jnp.where(mask[:, None, None, :] & causal, score(q, k), -jnp.inf)
+      p = jax.nn.softmax(s, axis=-1)
+      mu = jnp.sum(p * (score(dq, k) + score(q, dk)), axis=-1)
+      f = lambda q, k, v: attention_reference(q, k, v, key_mask=mask, causal=True)
+      return jax.jvp(f, (q, k, v), (dq, dk, dv))[1], mu, jax.nn.logsumexp(s, axis=-1)
 
-    def ref(q, k, v):
-      s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * spec.scale
-      causal = jnp.tril(jnp.ones((tu.N, tu.N), bool))
-      s = jnp.where(mask[:, None, None, :] & causal, s, -jnp.inf)
-      o = attention_reference(q, k, v, key_mask=mask, causal=True)
-      return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(jax.nn.logsumexp(s, axis=-1)))
-
-    tu.assert_close(jax.value_and_grad(pal, argnums=(0, 1, 2))(q, k, v),
-                    jax.value_and_grad(ref, argnums=(0, 1, 2))(q, k, v), tu.TOL[jnp.float32])
+    do_ref, mu_ref, lse_ref = ref(dq, dk, dv)
+    o, lse = _primitives.fwd_p.bind(q, k, v, kvalid, spec=spec)
+    tol = tu.TOL[jnp.float32]
+    tu.assert_close(lse, lse_ref, tol)
+    tu.assert_close(_primitives.jvp_p.bind(q, k, v, kvalid, dq, dk, dv, spec=spec)[1:],
+                    (do_ref, lse_ref, mu_ref), tol)
+    tangent = lambda dq, dk, dv: tuple(_primitives.tangent_p.bind(
+        q, k, v, kvalid, o, lse, dq, dk, dv, spec=spec))
+    tu.assert_close(tangent(dq, dk, dv), (do_ref, mu_ref), tol)
+    cts = (jnp.cos(do_ref), jnp.sin(mu_ref))
+    got = jax.linear_transpose(tangent, dq, dk, dv)(cts)
+    tu.assert_close(got, jax.vjp(lambda *t: ref(*t)[:2], dq, dk, dv)[1](cts), tol)
 
 
 class PallasAttentionInterpretTest(PallasAttentionTest):

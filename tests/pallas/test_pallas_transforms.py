@@ -1,4 +1,5 @@
-"""Pallas attention under transformations: the MeanFlow pattern, jit, vmap, checkpoint, scan.
+"""Pallas attention under transformations: MeanFlow and improved-MeanFlow patterns, jit, vmap,
+checkpoint, scan, and the number of kernels each transform launches.
 
 ``PallasTransformsTest`` needs a GPU/TPU; ``PallasTransformsInterpretTest`` runs on CPU.
 """
@@ -12,7 +13,8 @@ from absl.testing import absltest, parameterized
 
 import pallas_test_util as tu
 from fmdistill import pallas
-from fmdistill.pallas import attention, fused_attention
+from fmdistill.pallas import _primitives, attention
+from fmdistill.pallas.kernel_count import pallas_call_count
 
 sg = jax.lax.stop_gradient
 
@@ -60,8 +62,23 @@ class PallasTransformsTest(parameterized.TestCase):
     got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "pallas")
     tu.assert_close(got, jax.value_and_grad(loss)(params, "xla"), 1e-5)
 
+  def test_imf_pattern(self):
+    """Improved MeanFlow: grad_params || u + t du/dt - v ||^2, the gradient through du/dt."""
+    params = tu.init_net(4)
+    z, v = tu.qkv(5, (tu.B, tu.N, 32), n=2)
+    t = jnp.array([0.4, 0.9])
+
+    def loss(params, impl):
+      f = lambda z, t: tu.net(params, z, t, self.attn(impl, causal=True))
+      u, dudt = jax.jvp(f, (z, t), (v, jnp.ones_like(t)))
+      return jnp.mean((u + t[:, None, None] * dudt - v) ** 2)
+
+    got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "pallas")
+    tu.assert_close(got, jax.value_and_grad(loss)(params, "xla"), 1e-5)
+
   def test_vmap(self):
-    """vmap (with an unbatched operand and a batched mask) of forward, jvp and grad."""
+    """vmap (with an unbatched operand and a batched mask) of forward, jvp, grad and grad
+    through the tangent."""
     q, k, v = tu.qkv(4, (3, tu.B, tu.N, tu.H, tu.D))
     mask = jax.random.bernoulli(jax.random.PRNGKey(5), 0.8, (3, tu.B, tu.N))
 
@@ -70,13 +87,15 @@ class PallasTransformsTest(parameterized.TestCase):
         f = lambda q, k: self.attn(impl, key_mask=m)(q, k, v)
         o, do = jax.jvp(f, (q, k), (jnp.cos(q), k))
         g = jax.grad(lambda q, k: jnp.sum(jnp.sin(f(q, k))), argnums=(0, 1))(q, k)
-        return o, do, g
+        gt = jax.grad(lambda q, k: jnp.sum(jnp.sin(jax.jvp(f, (q, k), (k, q))[1])),
+                      argnums=(0, 1))(q, k)
+        return o, do, g, gt
       return jax.jit(jax.vmap(one, in_axes=(0, 0, None, 0)))(q, k, v[0], mask)
 
     tu.assert_close(run("pallas"), run("xla"), 1e-5)
 
   def test_checkpoint_scan(self):
-    """lax.scan over checkpointed attention layers: grad, jvp and the MeanFlow pattern."""
+    """lax.scan over checkpointed attention layers: grad, jvp, MeanFlow and iMF patterns."""
     x = tu.qkv(6, (tu.B, tu.N, tu.H, tu.D), n=1)[0]
     ws = 0.3 * tu.qkv(7, (2, tu.D, tu.D), n=1)[0]
 
@@ -90,43 +109,62 @@ class PallasTransformsTest(parameterized.TestCase):
     def losses(ws, impl):
       g = jax.grad(lambda ws: jnp.sum(model(ws, x, impl) ** 2))(ws)
       o, do = jax.jvp(lambda x: model(ws, x, impl), (x,), (jnp.sin(x),))
-      mf = jax.grad(lambda ws: jnp.sum((jax.jvp(lambda x: model(ws, x, impl), (x,), (x,))[0]
-                                        - sg(do)) ** 2))(ws)
-      return g, o, do, mf
+      jvp = lambda ws: jax.jvp(lambda x: model(ws, x, impl), (x,), (x,))
+      mf = jax.grad(lambda ws: jnp.sum((jvp(ws)[0] - sg(do)) ** 2))(ws)
+      imf = jax.grad(lambda ws: jnp.sum(jnp.sin(jvp(ws)[1]) + jvp(ws)[0] ** 2))(ws)
+      return g, o, do, mf, imf
 
     got = jax.jit(losses, static_argnums=1)(ws, "pallas")
     tu.assert_close(got, losses(ws, "xla"), 1e-5)
 
-  def test_grad_through_tangent(self):
-    """Through the tangent: fine w.r.t. the tangent inputs, a clear error w.r.t. q/k/v."""
-    q, k, v = tu.qkv(8)
-    dq, dk, dv = tu.qkv(9)
-
-    def tangent_loss(impl):
-      return lambda q, dv: jnp.sum(jax.jvp(self.attn(impl), (q, k, v), (dq, dk, dv))[1] ** 2)
-
-    got = jax.grad(lambda dv: tangent_loss("pallas")(q, dv))(dv)
-    tu.assert_close(got, jax.grad(lambda dv: tangent_loss("xla")(q, dv))(dv), 1e-5)
-    with self.assertRaisesRegex(NotImplementedError, "stop_gradient"):
-      jax.grad(tangent_loss("pallas"))(q, dv)
-
   def test_higher_order_is_an_error(self):
-    """jvp-of-jvp and grad-of-grad are documented as unsupported: they must not run."""
+    """jvp-of-jvp, Hessian-vector products and grad-of-grad raise, they never run."""
     q, k, v = tu.qkv(11)
     attn = lambda q: self.attn("pallas")(q, k, v)
-    with self.assertRaises((TypeError, ValueError, NotImplementedError)):
-      jax.jvp(lambda q: jax.jvp(attn, (q,), (k,))[1], (q,), (v,))
-    with self.assertRaises((TypeError, ValueError, NotImplementedError)):
-      jax.grad(lambda q: jnp.sum(jax.grad(lambda q: jnp.sum(attn(q) ** 2))(q) ** 2))(q)
+    sq = lambda f: lambda q: jnp.sum(f(q) ** 2)
+    cases = {
+        "jvp of jvp": lambda: jax.jvp(lambda q: jax.jvp(attn, (q,), (k,))[1], (q,), (v,)),
+        "hvp": lambda: jax.jvp(jax.grad(sq(attn)), (q,), (k,)),
+        "grad of grad": lambda: jax.grad(sq(jax.grad(sq(attn))))(q),
+    }
+    for name, fn in cases.items():
+      with self.subTest(name), self.assertRaisesRegex(NotImplementedError, "third derivative"):
+        fn()
+
+  def test_kernel_counts(self):
+    """Kernel launches per transform, so that a regression (e.g. jvp falling back to a
+    forward + tangent pair, or a second backward pass) cannot go unnoticed."""
+    s = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)
+    attn = self.attn("pallas")
+    jvp = lambda q, k, v, dq, dk, dv: jax.jvp(attn, (q, k, v), (dq, dk, dv))
+
+    def grad_of(loss):
+      return jax.grad(lambda *a: loss(*jvp(*a)), argnums=range(6))
+
+    fns = {
+        "value": lambda q, k, v, *_: attn(q, k, v),
+        "jvp": jvp,
+        "grad": jax.grad(lambda q, k, v, *_: jnp.sum(attn(q, k, v) ** 2), argnums=(0, 1, 2)),
+        "grad through primal of jvp": grad_of(lambda o, do: jnp.sum((o - sg(do)) ** 2)),
+        "grad through tangent": grad_of(lambda o, do: jnp.sum(do ** 2)),
+        "grad through both": grad_of(lambda o, do: jnp.sum(o ** 2 + do ** 2)),
+        "grad, checkpointed": jax.grad(
+            lambda q, *_: jnp.sum(jax.checkpoint(attn)(q, q, q) ** 2)),
+    }
+    want = {"value": 1, "jvp": 1}
+    got = {name: pallas_call_count(fn, *[s] * 6) for name, fn in fns.items()}
+    self.assertEqual(got, {name: want.get(name, 3) for name in fns})
 
   def test_impl_dispatch(self):
     q, k, v = tu.qkv(10)
     jaxpr = lambda impl: str(jax.make_jaxpr(functools.partial(attention, impl=impl))(q, k, v))
     accel = jax.default_backend() in ("gpu", "tpu")
     self.assertEqual(pallas.resolve_impl("auto"), "pallas" if accel else "xla")
-    self.assertEqual("pallas_call" in jaxpr("auto"), accel)
-    self.assertIn("pallas_call", jaxpr("pallas"))  # never silently falls back
-    self.assertNotIn("pallas_call", jaxpr("xla"))
+    count = lambda impl: pallas_call_count(functools.partial(attention, impl=impl), q, k, v)
+    self.assertEqual(count("auto") > 0, accel)
+    self.assertEqual(count("pallas"), 1)  # never silently falls back
+    self.assertEqual(count("xla"), 0)
+    self.assertIn(_primitives.fwd_p.name, jaxpr("pallas"))
     with self.assertRaises(ValueError):
       attention(q, k, v, impl="triton")
 
