@@ -171,8 +171,12 @@ class Reparameterized:
                ) -> Array:
     t32, s32 = t.astype(jnp.float32), s.astype(jnp.float32)
     diag = jnp.abs(t32 - s32) < self.delta
-    s_off = jnp.where(diag, jnp.where(t32 > self.delta, t32 - 2 * self.delta, t32 + 2 * self.delta),
-                      s32)  # a safe off-diagonal time where the branch is not used
+    # a safe off-diagonal time where the branch is not used; under stop_gradient so that a
+    # tangent in t never leaks into s (at s = 0 the SNR conversion's derivative is infinite
+    # and 0 * inf would turn every jvp in t of a consistency map into NaN)
+    alt = jax.lax.stop_gradient(jnp.where(t32 > self.delta, t32 - 2 * self.delta,
+                                          t32 + 2 * self.delta))
+    s_off = jnp.where(diag, alt, s32)
     c_skip, c_out, c_in = (bcast(c, y) for c in self.dst.coefficients(t32, s_off))
     x = (y.astype(jnp.float32) / c_in).astype(y.dtype)
     to_src = lambda u: paths.convert_time(u, self.dst_path, self.src_path)

@@ -158,3 +158,18 @@ def test_teacher_initialised_student_learns_faster_than_random(fm_teacher, tmp_p
     train.train_and_evaluate(c, wd, progress=False)
     err[init] = _one_step_error(c, wd, fm_teacher)
   assert err[True] < 0.5 * err[False], err
+
+
+def test_reparameterized_consistency_map_has_finite_time_tangents():
+  """sCM differentiates the TrigFlow consistency map ``f(x, t, 0)`` in ``t`` with ``jax.jvp``:
+  through ``Reparameterized`` the tangent must be finite (the SNR conversion's derivative is
+  infinite at ``s = 0``) and match a central finite difference of the converted map."""
+  src, dst = flowmap.Parameterization("displacement"), flowmap.Parameterization("trigflow", 0.7)
+  net = flowmap.Reparameterized(_exact_displacement_net, src, LIN, dst, TRIG)
+  x = jax.random.normal(jax.random.key(0), (64, 2))
+  t = jnp.linspace(0.2, 1.3, 64)
+  f = lambda t_: dst.apply(net, None, x, t_, jnp.zeros_like(t_))
+  _, df = jax.jvp(f, (t,), (jnp.ones_like(t),))
+  assert bool(jnp.all(jnp.isfinite(df)))
+  h = 1e-3
+  np.testing.assert_allclose(df, (f(t + h) - f(t - h)) / (2 * h), atol=2e-2)
