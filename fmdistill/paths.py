@@ -51,8 +51,12 @@ class Path:
     return (bcast(self.dalpha(t), x0) * x0 + bcast(self.dsigma(t), x0) * eps).astype(x0.dtype)
 
   def log_snr(self, t: Array) -> Array:
-    """``log(alpha^2 / sigma^2)``; decreasing in t."""
-    return 2.0 * (jnp.log(self.alpha(t)) - jnp.log(self.sigma(t)))
+    """``log(alpha^2 / sigma^2)``; decreasing in t. ``alpha`` and ``sigma`` are floored at the
+    smallest normal float32: at ``t = T`` on TrigFlow ``cos(float32(pi/2))`` rounds to
+    ``-4e-8``, whose log would be NaN (the SNR is then ``~e^-174``, i.e. pure noise)."""
+    tiny = jnp.finfo(jnp.float32).tiny
+    return 2.0 * (jnp.log(jnp.maximum(self.alpha(t), tiny))
+                  - jnp.log(jnp.maximum(self.sigma(t), tiny)))
 
   def time_from_log_snr(self, lam: Array) -> Array:
     """Inverse of ``log_snr`` (closed form for each path)."""

@@ -133,6 +133,14 @@ def test_scm_student_starts_as_the_teachers_denoiser(fm_teacher, tmp_path):
   v = teacher.param.velocity(teacher.net, teacher.params, x_lin, t_lin)
   x0, _ = LIN.denoise(x_lin, v, t_lin)
   np.testing.assert_allclose(f, x0, atol=1e-4)
+  # at t = T (where sampling starts; cos(float32(pi/2)) < 0) the map is finite: the teacher's
+  # one-step denoiser from pure noise at linear time 1
+  T = jnp.full((16,), trig.T, jnp.float32)
+  fT = flowmap.Parameterization("trigflow", c.objective.sigma_d).apply(
+      net, state.params, x, T, jnp.zeros_like(T))
+  zT = x * paths.point_scale(T, trig, LIN)[:, None]
+  vT = teacher.param.velocity(teacher.net, teacher.params, zT, jnp.ones(16))
+  np.testing.assert_allclose(fT, LIN.denoise(zT, vT, jnp.ones(16))[0], atol=1e-4)
 
 
 def _one_step_error(c, wd, teacher_wd):
