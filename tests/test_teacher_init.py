@@ -140,6 +140,7 @@ def test_scm_student_starts_as_the_teachers_denoiser(fm_teacher, tmp_path):
       net, state.params, x, T, jnp.zeros_like(T))
   zT = x * paths.point_scale(T, trig, LIN)[:, None]
   vT = teacher.param.velocity(teacher.net, teacher.params, zT, jnp.ones(16))
+  assert bool(jnp.all(jnp.isfinite(fT)))  # (assert_allclose treats NaN == NaN as equal)
   np.testing.assert_allclose(fT, LIN.denoise(zT, vT, jnp.ones(16))[0], atol=1e-4)
 
 
