@@ -59,7 +59,8 @@ def part_networks(config: ml_collections.ConfigDict, net: Any,
   """``{part: apply(params, ...)}`` (``None`` for parts used as raw parameters)."""
   entry = objectives.entry(config.method)
   teacher_fn = teacher_lib.velocity_fn(teacher, config) if teacher is not None else None
-  ctx = objectives.PartContext(config=config, net=net, params=None, teacher_fn=teacher_fn)
+  ctx = objectives.PartContext(config=config, net=net, params=None, teacher_fn=teacher_fn,
+                               teacher=teacher)
   out = {}
   for name, part in entry.parts_for(config.objective).items():
     if part.network == "teacher":
@@ -92,7 +93,10 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
     for n, p in parts.items():
       if n != exclude and not p.joint:
         w = sg(state.parts[n].params)
-        out[n] = w if apply[n] is None else functools.partial(apply[n], w)
+        if apply[n] is None:
+          out[n] = w
+        else:
+          out[n] = apply[n].bind(w) if hasattr(apply[n], "bind") else functools.partial(apply[n], w)
     return out
 
   def part_step(state: TrainState, name: str, batch: dict, key: Array, bound,

@@ -92,7 +92,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   ctx = objectives.PartContext(
       config=config, net=net, params=params,
       teacher_params=None if teacher is None else teacher.params,
-      teacher_fn=None if teacher is None else teacher_lib.velocity_fn(teacher, config))
+      teacher_fn=None if teacher is None else teacher_lib.velocity_fn(teacher, config),
+      teacher=teacher)
   parts = state_lib.init_parts(config, ctx, k_parts)
   state = state_lib.init_state(config, params, parts, k_state)
   if entry.needs_pairs:

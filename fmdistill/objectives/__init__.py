@@ -54,7 +54,8 @@ class Part:
   * ``network``: how the part is called: ``'teacher'`` (``ctx.teacher_fn``: the teacher's
     architecture as a velocity ``v(params, x, t, cond)``), ``'student'`` (the student network
     ``F(params, x, t, s, cond)``), ``network(ctx) -> apply(params, ...)``, or ``None`` (the
-    losses use the raw parameters).
+    losses use the raw parameters). An ``apply`` with a ``bind(params)`` method is frozen for
+    the student loss by it (instead of ``functools.partial``), e.g. to expose features too.
   * ``loss``: ``loss(part_params, student_params, batch, key, *, net, apply, teacher, parts,
     step, cfg) -> (scalar, metrics)``, the part's own objective (``apply`` its network,
     ``parts`` the other parts frozen); ``None`` means the part is trained **jointly** by the
