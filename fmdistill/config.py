@@ -22,7 +22,8 @@ _DATA = dict(name="toy", toy="checkerboard", num_examples=4096, conditional=Fals
              num_classes=0)
 _MODEL = dict(name="mlp", width=256, depth=3, dtype="float32", patch=2, heads=4,
               mlp_ratio=4.0, attn_impl="auto", time_embedding="positional", time_scale=1.0,
-              native_param="", native_path="", native_sigma_d=0.0, qk_norm=False)
+              native_param="", native_path="", native_sigma_d=0.0, qk_norm=False,
+              modulation="adn", guidance_embed=False)
 _TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, schedule="cosine",
               final_lr=0.05, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
               ema_decays=(0.999,), ema_power=(), log_every=100, ckpt_every=500, keep=2,
@@ -135,6 +136,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.model.time_embedding in models.TIME_EMBEDDINGS, "model.time_embedding",
          c.model.time_embedding, list(models.TIME_EMBEDDINGS))
   _check(c.model.time_scale > 0, "model.time_scale", c.model.time_scale, "> 0")
+  _check(c.model.get("modulation", "film") in models.MODULATIONS, "model.modulation",
+         c.model.get("modulation"), list(models.MODULATIONS))
   if c.model.native_param or c.model.native_path:
     _check(c.model.native_param in flowmap.PARAMETERIZATIONS, "model.native_param",
            c.model.native_param, list(flowmap.PARAMETERIZATIONS))

@@ -48,7 +48,7 @@ def _native(tconfig) -> tuple:
 
 
 # model fields of configs written before they existed (the legacy time embedding)
-_LEGACY = {"time_embedding": "legacy", "time_scale": 1000.0, "qk_norm": False}
+_LEGACY = models.LEGACY
 
 
 def init_mismatches(config: ml_collections.ConfigDict, teacher: Teacher) -> list[str]:
