@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fmdistill import objectives, parallel, state as state_lib
+from fmdistill import health as health_lib, objectives, parallel, state as state_lib
 from fmdistill import teacher as teacher_lib
 from fmdistill.state import PartState, TrainState
 
@@ -155,6 +155,9 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
     metrics.update(aux)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
                    skipped=state.skipped)
+    logged = (state.step % t.log_every == 0) | (state.step == t.steps)  # health probes
+    metrics.update(health_lib.when(logged, config, net, state.params, batch,
+                                   jax.random.fold_in(k_loss, 1 << 20)))
     return state, metrics
 
   return TrainStep(step_fn, shardings)

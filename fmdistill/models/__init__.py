@@ -50,8 +50,8 @@ class Network:
   def probe(self, params: Any, x: Array, t: Array, s: Array, cond=None) -> dict[str, Array]:
     """Training-health statistics of one forward pass (scalars, float32):
 
-    * ``dead_frac``: fraction of hidden units (pre-activations of every non-linearity) that
-      stay below ``DEAD_BELOW`` for every example of the batch;
+    * ``dead_frac``: fraction of hidden units (the pre-activations of the hidden layers' and the
+      output layer's non-linearities) that stay below ``DEAD_BELOW`` for every example;
     * ``mod_scale``: the largest RMS (over channels, mean over the batch) of any multiplicative
       time modulation (``1 + scale`` and gates for ``'film'``; ``pnorm(scale)``, i.e. 1, and
       ``tanh`` gates for ``'adn'``);

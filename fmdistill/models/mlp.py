@@ -78,7 +78,6 @@ class MLP(nnx.Module):
       record(stats, "mod", scale)
       z = getattr(self, f"norm{i}")(h) * scale + shift
       a = getattr(self, f"fc{i}a")(nnx.silu(z))
-      record(stats, "preact", z)
       record(stats, "preact", a)
       h = h + getattr(self, f"fc{i}b")(nnx.silu(a))
     record(stats, "resid", h)

@@ -36,13 +36,16 @@ class PartContext:
   ``config``: the full run config; ``net``: the student network; ``params``: the student's
   initial parameters (after teacher initialisation); ``teacher_params``: the frozen teacher's
   (or ``None``); ``teacher_fn(params, x, t, cond)``: the teacher's architecture as a velocity on
-  the student's path, differentiable in ``params`` (or ``None`` without a teacher).
+  the student's path, differentiable in ``params`` (or ``None`` without a teacher);
+  ``teacher``: the loaded ``fmdistill.teacher.Teacher`` (network, parameterisation, path), for
+  parts that need more of its architecture than the velocity (a critic's features).
   """
   config: Any
   net: Any
   params: Any
   teacher_params: Any = None
   teacher_fn: Callable | None = None
+  teacher: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
