@@ -26,9 +26,10 @@ the generator's samples, ``_score.critic_loss``).
   5`` fake-score updates per generator update, DMD2's ``dfake_gen_update_ratio``); backward
   simulation for multistep generators (``rollout_steps > 1``: the generator's input at
   ``t_i`` comes from its own sampler; ``backward_simulation=False`` noises real data to
-  ``t_i`` instead); optional GAN term (``gan_weight > 0``): a discriminator head (the ``disc``
-  part) on the critic's last hidden layer at noised inputs (``t ~ U[0, gan_t_max] T``, DMD2's
-  diffusion GAN), non-saturating losses: generator ``gan_weight * softplus(-l(x_fake))``,
+  ``t_i`` instead); the GAN term (``gan_weight``, default 3e-3; 0 turns it off): a
+  discriminator head (the ``disc`` part) on the critic's last hidden layer at noised inputs
+  (``t ~ U[0, gan_t_max] T``, DMD2's diffusion GAN), non-saturating losses: generator
+  ``gan_weight * softplus(-l(x_fake))``,
   head ``softplus(l(x_fake)) + softplus(-l(x_real))``, and the critic's features trained by the
   same classification loss weighted ``gan_critic_weight`` next to its flow matching (DMD2 trains
   head and fake score jointly: ImageNet ``3e-3`` / ``1e-2``).
@@ -56,6 +57,12 @@ def defaults():
   cfg.gan_weight = 0.0        # dmd2: generator GAN weight (0 = off; DMD2 ImageNet 3e-3)
   cfg.gan_critic_weight = 0.01  # dmd2: classification loss of the critic's features
   cfg.gan_t_max = 1.0         # dmd2: discriminator inputs noised at t ~ U[0, gan_t_max] T
+  return cfg
+
+
+def dmd2_defaults():
+  cfg = defaults()
+  cfg.gan_weight = 3e-3       # DMD2 ImageNet: gen_cls_loss_weight 3e-3, cls_loss_weight 1e-2
   return cfg
 
 
@@ -182,6 +189,6 @@ objectives.register(objectives.Objective(
     parts={"critic": critic_part(1)}, consistency=True,
     doc="DMD: distribution matching + 0.25 x regression on cached teacher (noise, output) pairs"))
 objectives.register(objectives.Objective(
-    name="dmd2", loss=dmd_loss, defaults=defaults, needs_teacher=True,
+    name="dmd2", loss=dmd_loss, defaults=dmd2_defaults, needs_teacher=True,
     parts={"critic": critic_part(5), "disc": DISC}, consistency=True,
     doc="DMD2: two-time-scale critic (5:1), backward simulation, optional GAN head on the critic"))
