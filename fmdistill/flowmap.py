@@ -134,7 +134,8 @@ def teacher_velocity(net: Net, params: Any, param: Parameterization | None = Non
 
 
 def teacher_network(net: Net, params: Any, param: Parameterization, src_path, dst_path, *,
-                    guidance: float = 1.0, null_label: int | None = None) -> Callable:
+                    guidance: float = 1.0, null_label: int | None = None,
+                    interval: tuple = ()) -> Callable:
   """Bind a frozen flow-matching teacher into ``teacher(x, t, s, cond)`` on the student's path.
 
   The result follows DESIGN.md's convention that a teacher velocity is ``F(x, t, t)``: it returns
@@ -142,13 +143,19 @@ def teacher_network(net: Net, params: Any, param: Parameterization, src_path, ds
   SNR matching (``fmdistill.paths.convert_velocity``), and ignores ``s``. The output is wrapped
   in ``stop_gradient``; ``teacher.with_input_grad(x, t, s, cond)`` is the same velocity
   differentiable in ``x`` (its weights still frozen), for losses that differentiate through the
-  teacher's input (SiD).
+  teacher's input (SiD). ``interval = (lo, hi)``: guidance only for ``lo T <= t <= hi T`` on
+  ``dst_path`` (Kynkaanniemi et al. 2024, guidance in a limited interval), ``w = 1`` elsewhere.
   """
   def bound(p):
     v = teacher_velocity(net, p, param, guidance=guidance, null_label=null_label)
 
     def fn(x, t, s=None, cond=None):
       del s
+      if interval:
+        label, w = split_cond(cond)
+        w = jnp.full(t.shape, guidance, jnp.float32) if w is None else w
+        inside = (t >= interval[0] * dst_path.T) & (t <= interval[1] * dst_path.T)
+        cond = {"label": label, "w": jnp.where(inside, w, 1.0)}
       vc = lambda x_, t_: v(x_, t_, cond)
       if src_path.name != dst_path.name or src_path.sigma_d != dst_path.sigma_d:
         vc = paths.convert_velocity(vc, src_path, dst_path)

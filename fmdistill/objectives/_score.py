@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fmdistill import paths, sampling
+from fmdistill import flowmap, paths, sampling
 from fmdistill.objectives import _common
 from fmdistill.paths import bcast
 
@@ -54,8 +54,16 @@ def add_fields(cfg: ml_collections.ConfigDict, **overrides) -> ml_collections.Co
   cfg.noise_min = 0.02          # 'uniform': t ~ U[min, max] T; 'karras': fraction of EDM's grid
   cfg.noise_max = 0.98
   cfg.noise_shift = 5.0         # 'shift': rectified-flow u ~ U(0,1), r = k u / (1 + (k - 1) u)
+  if "guidance_input" not in cfg:
+    _common.guidance_fields(cfg)
   cfg.update(overrides)
   return cfg
+
+
+def conditioning(key: Array, batch: dict, cfg) -> Any:
+  """The ``cond`` of a generator sample: the batch's labels (dropped with ``label_dropout``) and,
+  with ``guidance_input``, a guidance scale per example (``_common.drop_labels``)."""
+  return _common.drop_labels(key, batch.get("cond"), cfg)
 
 
 def check(cfg) -> None:
@@ -184,16 +192,16 @@ def critic_loss(critic_params: Any, student_params: Any, batch: dict, key: Array
   """Flow matching of the fake score on the student's current samples (the rollout, under
   stop-gradient): ``|| v_phi(x_t, t) - (alpha'(t) x_0 + sigma'(t) eps) ||^2`` with ``t`` from
   ``sample_noise_time``. ``apply(critic_params, x, t, cond)`` is the critic's velocity;
-  ``extra(critic_params, x0_fake, key) -> (scalar, metrics)`` adds a term (DMD2's GAN)."""
+  ``extra(critic_params, x0_fake, cond, key) -> (scalar, metrics)`` adds a term (DMD2's GAN)."""
   path = _common.path_of(cfg)
   kg, kn, ke = jax.random.split(key, 3)
-  cond = batch.get("cond")
+  cond = conditioning(jax.random.fold_in(key, 2), batch, cfg)
   x0 = sg(rollout(student_params, kg, batch["x"], cond, net=net, cfg=cfg)[0])
   t, eps, xt = noise(kn, x0, cfg, path)
   loss = jnp.mean(_common.mean_sq(apply(critic_params, xt, t, cond) - path.velocity(x0, eps, t)))
   metrics = {"critic_fm": loss}
   if extra is not None:
-    more, m = extra(critic_params, x0, ke)
+    more, m = extra(critic_params, x0, cond, ke)
     loss, metrics = loss + more, {**metrics, **m}
   return loss, metrics
 
@@ -201,23 +209,30 @@ def critic_loss(critic_params: Any, student_params: Any, batch: dict, key: Array
 @dataclasses.dataclass(frozen=True)
 class CriticNet:
   """A network of the teacher's architecture, parameterisation and path presented on the
-  student's path: ``net(params, x, t, cond)`` is its velocity (``teacher.velocity_fn``),
+  student's path: ``net(params, x, t, cond)`` is its velocity (as ``teacher.velocity_fn``),
   ``net.features(params, x, t, cond) (B, width)`` its last hidden layer at the same input
   (``models.Network.features``). ``bind(params)`` gives the frozen part the student loss sees.
   Hashable (a jit static)."""
-  velocity: Callable
   tnet: Any
   tparam: Any
   tpath: paths.Path
   path: paths.Path
 
+  def _native(self, x, t):
+    t = t.astype(jnp.float32)
+    if self.tpath.name == self.path.name and self.tpath.sigma_d == self.path.sigma_d:
+      return x, t
+    ts = paths.convert_time(t, self.path, self.tpath)
+    return (x * bcast(paths.point_scale(t, self.path, self.tpath), x)).astype(x.dtype), ts
+
   def __call__(self, params, x, t, cond=None):
-    return self.velocity(params, x, t, cond)
+    base = lambda x_, t_: self.tparam.velocity(self.tnet, params, x_, t_, cond)
+    if self.tpath.name != self.path.name or self.tpath.sigma_d != self.path.sigma_d:
+      base = paths.convert_velocity(base, self.tpath, self.path)
+    return base(x, t.astype(jnp.float32))
 
   def features(self, params, x, t, cond=None):
-    t = t.astype(jnp.float32)
-    ts = paths.convert_time(t, self.path, self.tpath)
-    xs = x * bcast(paths.point_scale(t, self.path, self.tpath), x)
+    xs, ts = self._native(x, t)
     c_in = self.tparam.coefficients(ts, ts)[2]
     return self.tnet.features(params, (bcast(c_in, x) * xs).astype(x.dtype), ts, ts, cond)
 
@@ -238,11 +253,34 @@ class BoundCritic:
     return self.net.features(sg(self.params), x, t, cond)
 
 
+def _guided(ctx) -> bool:
+  return bool(ctx.config.model.get("guidance_embed", False))
+
+
 def critic_network(ctx) -> CriticNet:
-  """The ``critic`` part's network (``objectives.Part(network=critic_network)``)."""
+  """The ``critic`` part's network (``objectives.Part(network=critic_network)``): the teacher's
+  network, or -- when the student takes the guidance scale as an input
+  (``model.guidance_embed``) -- the student's own network (the teacher's architecture plus the
+  scale embedding), so that the fake score is conditional on the scale like the student's
+  samples."""
   t = ctx.teacher
   o = ctx.config.objective
-  return CriticNet(ctx.teacher_fn, t.net, t.param, t.path, paths.get_path(o.path, o.sigma_d))
+  tnet = t.net
+  if _guided(ctx):
+    tnet = ctx.net
+    while isinstance(tnet, flowmap.Reparameterized):
+      tnet = tnet.net
+  return CriticNet(tnet, t.param, t.path, paths.get_path(o.path, o.sigma_d))
+
+
+def init_critic(key: Array, ctx) -> Any:
+  """The critic's initial weights: a copy of the teacher's (plus the student's zero-output
+  guidance embedding when it takes the scale as an input)."""
+  del key
+  p = jax.tree_util.tree_map(jnp.array, ctx.teacher_params)
+  if _guided(ctx):
+    p = {**p, "guidance": jax.tree_util.tree_map(jnp.array, ctx.params["guidance"])}
+  return p
 
 
 # ----------------------------------------------------------------------------- discriminator

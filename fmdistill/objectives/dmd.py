@@ -72,19 +72,18 @@ def v1_defaults():
   return cfg
 
 
-def dm_loss(params, batch, key, *, net, teacher, critic, cfg, scale: float = 0.5
-            ) -> tuple[jax.Array, dict, jax.Array]:
-  """``(scale * L_DM, metrics, x_0^theta)`` (module docstring; DMD2's ``0.5``)."""
+def dm_loss(params, batch, key, *, net, teacher, critic, cfg, scale: float = 0.5):
+  """``(scale * L_DM, metrics, x_0^theta, cond)`` (module docstring; DMD2's ``0.5``)."""
   path = _common.path_of(cfg)
-  kg, kn = jax.random.split(key)
-  cond = batch.get("cond")
+  kg, kn, kc = jax.random.split(key, 3)
+  cond = _score.conditioning(kc, batch, cfg)
   x0, _ = _score.rollout(params, kg, batch["x"], cond, net=net, cfg=cfg)
   t, _, xt = _score.noise(kn, sg(x0), cfg, path)
   d_real, d_fake = (sg(d) for d in _score.denoisers(xt, t, cond, teacher=teacher, critic=critic,
                                                    path=path))
   grad = _score.dmd_grad(x0, d_real, d_fake)
   loss = _score.surrogate(x0, grad, scale)
-  return loss, {"score_gap": jnp.mean(_common.mean_sq(d_fake - d_real))}, x0
+  return loss, {"score_gap": jnp.mean(_common.mean_sq(d_fake - d_real))}, x0, cond
 
 
 def _gan_inputs(key, x, cfg, path):
@@ -103,8 +102,8 @@ def dmd_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   _score.check(cfg)
   path = _common.path_of(cfg)
   k_dm, k_gan = jax.random.split(key)
-  loss, metrics, x0 = dm_loss(params, batch, k_dm, net=net, teacher=teacher, critic=critic,
-                              cfg=cfg)
+  loss, metrics, x0, cond = dm_loss(params, batch, k_dm, net=net, teacher=teacher,
+                                    critic=critic, cfg=cfg)
   metrics["dm_loss"] = loss
   if cfg.reg_weight > 0:
     traj = batch["traj"]
@@ -117,7 +116,7 @@ def dmd_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
     if disc is None:
       raise ValueError("gan_weight > 0 needs disc= (the discriminator head, the 'disc' part)")
     xt, t = _gan_inputs(k_gan, x0, cfg, path)
-    logits = _score.head_logits(disc, critic.features(xt, t, batch.get("cond")))
+    logits = _score.head_logits(disc, critic.features(xt, t, cond))
     gan = jnp.mean(jax.nn.softplus(-logits))
     loss, metrics["gan_loss"] = loss + cfg.gan_weight * gan, gan
   return loss, {"loss": loss, **metrics}
@@ -142,10 +141,10 @@ def critic_loss(critic_params, student_params, batch, key, *, net, apply, teache
   path = _common.path_of(cfg)
   extra = None
   if cfg.gan_weight > 0:
-    def extra(cp, x_fake, k):
+    def extra(cp, x_fake, cond, k):
       feats = lambda x, t, c: apply.features(cp, x, t, c)
-      cls, margin = _classification(parts["disc"], feats, batch["x"], x_fake, k,
-                                    batch.get("cond"), cfg, path)
+      cls, margin = _classification(parts["disc"], feats, batch["x"], x_fake, k, cond, cfg,
+                                    path)
       return cfg.gan_critic_weight * cls, {"critic_cls": cls, "disc_margin": margin}
   return _score.critic_loss(critic_params, student_params, batch, key, net=net, apply=apply,
                             cfg=cfg, extra=extra)
@@ -157,8 +156,8 @@ def disc_loss(head, student_params, batch, key, *, net, apply=None, teacher=None
   features of real data and of the generator's current samples."""
   del apply, teacher, step
   path = _common.path_of(cfg)
-  kg, kc = jax.random.split(key)
-  cond = batch.get("cond")
+  kg, kc, kd = jax.random.split(key, 3)
+  cond = _score.conditioning(kd, batch, cfg)
   x_fake = sg(_score.rollout(student_params, kg, batch["x"], cond, net=net, cfg=cfg)[0])
   loss, margin = _classification(head, parts["critic"].features, batch["x"], x_fake, kc, cond,
                                  cfg, path)
@@ -173,8 +172,8 @@ def init_disc(key, ctx):
 def critic_part(updates: int, **kw) -> objectives.Part:
   """The fake score: the teacher's architecture and weights, trained by its own loss on the
   student's samples, ``updates`` times per student step (before it)."""
-  return objectives.Part(init="teacher", network=_score.critic_network, loss=critic_loss,
-                         updates=updates, optimizer=(("lr", 1e-3),), **kw)
+  return objectives.Part(init=_score.init_critic, network=_score.critic_network,
+                         loss=critic_loss, updates=updates, optimizer=(("lr", 1e-3),), **kw)
 
 
 DISC = objectives.Part(init=init_disc, loss=disc_loss, updates=5, optimizer=(("lr", 1e-3),),

@@ -3,8 +3,8 @@
 Seed ``004_*`` ("Interpolation distillation"): a generator ``x_0^theta`` is trained so that its
 interpolation ``x_t = alpha(t) x_0^theta + sigma(t) eps`` matches the data's, through
 
-    L_KL     = int w_t KL(rho_t^theta || rho_t^data) dt                     (VSD, Diff-Instruct, DMD),
-    L_Fisher = int w_t E || grad log rho_t^theta - grad log rho_t^data ||^2 dt   (SiD),
+    L_KL     = int w_t KL(rho_t^theta || rho_t^data) dt              (VSD, Diff-Instruct, DMD),
+    L_Fisher = int w_t E || grad log rho_t^theta - grad log rho_t^data ||^2 dt         (SiD),
 
 with the generator's score from the ``critic`` part (a copy of the teacher trained by flow
 matching on the generator's samples; the machinery of ``_score``, shared with DMD). With
@@ -60,8 +60,8 @@ def vsd_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   cfg = cfg or vsd_defaults()
   _score.check(cfg)
   path = _common.path_of(cfg)
-  kg, kn = jax.random.split(key)
-  cond = batch.get("cond")
+  kg, kn, kc = jax.random.split(key, 3)
+  cond = _score.conditioning(kc, batch, cfg)
   x0, _ = _score.rollout(params, kg, batch["x"], cond, net=net, cfg=cfg)
   t, _, xt = _score.noise(kn, sg(x0), cfg, path)
   d_real, d_fake = (sg(d) for d in _score.denoisers(xt, t, cond, teacher=teacher, critic=critic,
@@ -78,8 +78,8 @@ def sid_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   cfg = cfg or sid_defaults()
   _score.check(cfg)
   path = _common.path_of(cfg)
-  kg, kn = jax.random.split(key)
-  cond = batch.get("cond")
+  kg, kn, kc = jax.random.split(key, 3)
+  cond = _score.conditioning(kc, batch, cfg)
   x0, _ = _score.rollout(params, kg, batch["x"], cond, net=net, cfg=cfg)
   t, _, xt = _score.noise(kn, x0, cfg, path)  # x_t carries the generator's gradient
   real = getattr(teacher, "with_input_grad", teacher)  # bound teachers stop the gradient
@@ -100,8 +100,8 @@ def critic_loss(critic_params, student_params, batch, key, *, net, apply, teache
                             cfg=cfg)
 
 
-CRITIC = objectives.Part(init="teacher", network=_score.critic_network, loss=critic_loss,
-                         optimizer=(("lr", 1e-3),))
+CRITIC = objectives.Part(init=_score.init_critic, network=_score.critic_network,
+                         loss=critic_loss, optimizer=(("lr", 1e-3),))
 
 objectives.register(objectives.Objective(
     name="vsd", loss=vsd_loss, defaults=vsd_defaults, needs_teacher=True,

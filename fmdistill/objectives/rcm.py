@@ -76,7 +76,7 @@ def rcm_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
                               ema_params=ema_params, step=step, cfg=cfg, weighting=weighting)
   if cfg.dmd_weight == 0:
     return l_scm, {**m_scm, "scm_loss": l_scm}
-  l_dmd, m_dmd, _ = dmd.dm_loss(params, batch, jax.random.fold_in(key, 1), net=net,
+  l_dmd, m_dmd, _, _ = dmd.dm_loss(params, batch, jax.random.fold_in(key, 1), net=net,
                                 teacher=teacher, critic=critic, cfg=cfg, scale=1.0)
   on = (jnp.asarray(step) >= cfg.dmd_start).astype(jnp.float32)
   loss = l_scm + cfg.dmd_weight * on * l_dmd
@@ -91,8 +91,9 @@ def critic_loss(critic_params, student_params, batch, key, *, net, apply, teache
                             cfg=cfg)
 
 
-CRITIC = objectives.Part(init="teacher", network=_score.critic_network, loss=critic_loss,
-                         updates=4, start=1000, optimizer=(("lr", 1e-3), ("b1", 0.0)))
+CRITIC = objectives.Part(init=_score.init_critic, network=_score.critic_network,
+                         loss=critic_loss, updates=4, start=1000,
+                         optimizer=(("lr", 1e-3), ("b1", 0.0)))
 
 objectives.register(objectives.Objective(
     name="rcm", loss=rcm_loss, defaults=defaults, needs_teacher=True,

@@ -47,7 +47,7 @@ def ct_defaults():
   cfg.time_fd = 0.0             # > 0: rCM's semi-continuous time derivative (1e-4)
   cfg.warmup_form = "scm"       # 'scm': -cos^2 t (...); 'rcm': -cos t sqrt(1 - r^2 sin^2 t) (...)
   cfg.t_min = 1e-3              # keep t inside (0, pi/2) (teacher conversion is singular at ends)
-  return cfg
+  return _common.guidance_fields(cfg)
 
 
 def cd_defaults():
