@@ -35,7 +35,7 @@ def method_config(method: str, steps: int = 0, seed: int = 0):
     c.teacher.pair_chunk = 1024
   if "critic" in c.parts:
     c.parts.critic.lr = 2e-4
-  if method == "dmd":
+  if method in ("dmd", "dmd2", "dmd_v1", "vsd", "sid"):  # distribution matching (fake score)
     c.train.update(steps=3000, lr=1e-4, warmup_steps=0)
   if entry.tangent and "tangent_warmup" in c.objective:
     c.objective.tangent_warmup = 1000

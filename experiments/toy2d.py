@@ -30,7 +30,7 @@ def method_config(method: str, toy: str = "checkerboard", steps: int = 0, seed: 
     c.teacher.pair_num = 16384
   if "critic" in c.parts:
     c.parts.critic.lr = 1e-3
-  if method == "dmd":
+  if method in ("dmd", "dmd2", "dmd_v1", "vsd", "sid"):  # distribution matching (fake score)
     c.train.update(steps=1500, lr=2e-4, warmup_steps=0)
   if entry.tangent and "tangent_warmup" in c.objective:
     c.objective.tangent_warmup = 1000

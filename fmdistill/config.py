@@ -22,13 +22,15 @@ _DATA = dict(name="toy", toy="checkerboard", num_examples=4096, conditional=Fals
              num_classes=0)
 _MODEL = dict(name="mlp", width=256, depth=3, dtype="float32", patch=2, heads=4,
               mlp_ratio=4.0, attn_impl="auto", time_embedding="positional", time_scale=1.0,
-              native_param="", native_path="", native_sigma_d=0.0, qk_norm=False)
+              native_param="", native_path="", native_sigma_d=0.0, qk_norm=False,
+              modulation="adn", guidance_embed=False)
 _TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, schedule="cosine",
               final_lr=0.05, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
               ema_decays=(0.999,), ema_power=(), log_every=100, ckpt_every=500, keep=2,
               eval_every=0, max_consecutive_skips=50)
 _TEACHER = dict(workdir="", stage="", which="ema_0.999", guidance=1.0, init_student=True,
-                pair_cache="", pair_num=16384, pair_chunk=4096, pair_solver="heun", pair_nfe=64)
+                pair_cache="", pair_num=16384, pair_chunk=4096, pair_solver="heun", pair_nfe=64,
+                guidance_interval=())
 # the optimiser and schedule of a trainable part (``config.parts.<name>``; objectives.Part)
 _PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9, b2=0.999,
              weight_decay=0.0, grad_clip=1.0, every=1, updates=1, start=0, ema_decay=0.0)
@@ -135,6 +137,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.model.time_embedding in models.TIME_EMBEDDINGS, "model.time_embedding",
          c.model.time_embedding, list(models.TIME_EMBEDDINGS))
   _check(c.model.time_scale > 0, "model.time_scale", c.model.time_scale, "> 0")
+  _check(c.model.get("modulation", "film") in models.MODULATIONS, "model.modulation",
+         c.model.get("modulation"), list(models.MODULATIONS))
   if c.model.native_param or c.model.native_path:
     _check(c.model.native_param in flowmap.PARAMETERIZATIONS, "model.native_param",
            c.model.native_param, list(flowmap.PARAMETERIZATIONS))
@@ -196,6 +200,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.teacher.pair_solver in sampling.SOLVERS, "teacher.pair_solver",
          c.teacher.pair_solver, list(sampling.SOLVERS))
   _check(c.teacher.guidance >= 0, "teacher.guidance", c.teacher.guidance, ">= 0")
+  gi = tuple(c.teacher.get("guidance_interval", ()))
+  _check(not gi or (len(gi) == 2 and 0 <= gi[0] < gi[1] <= 1), "teacher.guidance_interval", gi,
+         "() or (lo, hi) with 0 <= lo < hi <= 1 (fractions of T)")
+  if c.objective.get("guidance_input", False):
+    _check(c.model.get("guidance_embed", False), "model.guidance_embed",
+           c.model.get("guidance_embed", False),
+           "True when objective.guidance_input=True (the student takes the scale as an input)")
 
 
 def _check_finite(c, prefix: str) -> None:

@@ -98,13 +98,23 @@ def velocity_from_flow_map(param: Parameterization, net: Net, params: Any, x: Ar
   return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
 
 
+def split_cond(cond) -> tuple[Array | None, Array | None]:
+  """``(labels, guidance scale w)`` of a ``cond``: labels ``(B,)``, ``None``, or a dict with
+  ``'label'`` and ``'w'`` (``(B,)``: per-example guidance, classifier-free-guidance students
+  that take the scale as an input; ``fmdistill.models.embeddings.split_cond``)."""
+  if isinstance(cond, dict):
+    return cond.get("label"), cond.get("w")
+  return cond, None
+
+
 def teacher_velocity(net: Net, params: Any, param: Parameterization | None = None, *,
                      guidance: float = 1.0, null_label: int | None = None
                      ) -> Callable[[Array, Array, Array | None], Array]:
   """A velocity ``v(x, t, cond)`` from a flow-matching network, with classifier-free guidance.
 
   ``v = df/ds|_{s=t}`` (``F(x, t, t)`` for the displacement parameterisation).
-  With ``guidance != 1`` and labels: ``v = v(x|null) + w (v(x|c) - v(x|null))``.
+  With guidance ``w != 1`` and labels: ``v = v(x|null) + w (v(x|c) - v(x|null))``; ``w`` is
+  ``guidance``, or per example ``cond['w'] (B,)`` when ``cond`` is a dict (``split_cond``).
   """
   param = param or Parameterization("displacement")
 
@@ -112,32 +122,51 @@ def teacher_velocity(net: Net, params: Any, param: Parameterization | None = Non
     return param.velocity(net, params, x, t, cond)
 
   def v(x, t, cond=None):
-    if guidance == 1.0 or cond is None:
-      return single(x, t, cond)
+    label, w = split_cond(cond)
+    if label is None or (w is None and guidance == 1.0):
+      return single(x, t, label)
     if null_label is None:
       raise ValueError("classifier-free guidance needs the model's null label")
-    uncond = single(x, t, jnp.full_like(cond, null_label))
-    return uncond + guidance * (single(x, t, cond) - uncond)
+    w = guidance if w is None else bcast(jnp.asarray(w, jnp.float32), x)
+    uncond = single(x, t, jnp.full_like(label, null_label))
+    return (uncond + w * (single(x, t, label) - uncond)).astype(x.dtype)
   return v
 
 
 def teacher_network(net: Net, params: Any, param: Parameterization, src_path, dst_path, *,
-                    guidance: float = 1.0, null_label: int | None = None) -> Callable:
+                    guidance: float = 1.0, null_label: int | None = None,
+                    interval: tuple = ()) -> Callable:
   """Bind a frozen flow-matching teacher into ``teacher(x, t, s, cond)`` on the student's path.
 
   The result follows DESIGN.md's convention that a teacher velocity is ``F(x, t, t)``: it returns
   the teacher's (guided) velocity at ``(x, t)`` converted from ``src_path`` to ``dst_path`` by
   SNR matching (``fmdistill.paths.convert_velocity``), and ignores ``s``. The output is wrapped
-  in ``stop_gradient``.
+  in ``stop_gradient``; ``teacher.with_input_grad(x, t, s, cond)`` is the same velocity
+  differentiable in ``x`` (its weights still frozen), for losses that differentiate through the
+  teacher's input (SiD). ``interval = (lo, hi)``: guidance only for ``lo T <= t <= hi T`` on
+  ``dst_path`` (Kynkaanniemi et al. 2024, guidance in a limited interval), ``w = 1`` elsewhere.
   """
-  v = teacher_velocity(net, params, param, guidance=guidance, null_label=null_label)
+  def bound(p):
+    v = teacher_velocity(net, p, param, guidance=guidance, null_label=null_label)
+
+    def fn(x, t, s=None, cond=None):
+      del s
+      if interval:
+        label, w = split_cond(cond)
+        w = jnp.full(t.shape, guidance, jnp.float32) if w is None else w
+        inside = (t >= interval[0] * dst_path.T) & (t <= interval[1] * dst_path.T)
+        cond = {"label": label, "w": jnp.where(inside, w, 1.0)}
+      vc = lambda x_, t_: v(x_, t_, cond)
+      if src_path.name != dst_path.name or src_path.sigma_d != dst_path.sigma_d:
+        vc = paths.convert_velocity(vc, src_path, dst_path)
+      return vc(x, t)
+    return fn
+
+  fn = bound(params)
 
   def teacher(x, t, s=None, cond=None):
-    del s
-    vc = lambda x_, t_: v(x_, t_, cond)
-    if src_path.name != dst_path.name or src_path.sigma_d != dst_path.sigma_d:
-      vc = paths.convert_velocity(vc, src_path, dst_path)
-    return jax.lax.stop_gradient(vc(x, t))
+    return jax.lax.stop_gradient(fn(x, t, s, cond))
+  teacher.with_input_grad = bound(jax.lax.stop_gradient(params))
   return teacher
 
 

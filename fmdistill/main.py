@@ -31,6 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and reports")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "what to do")
 _NFE = flags.DEFINE_integer("nfe", 1, "network evaluations per sample, for --mode=sample")
+_GUIDANCE = flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale for sampling and "
+                               "the report: teachers (ODE) and students that take the scale as "
+                               "an input (model.guidance_embed); baked-in students ignore it")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 _EVAL = flags.DEFINE_bool("eval", True, "after training, evaluate and write report.md")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "move a workdir that holds a different "
@@ -72,7 +75,7 @@ def resolve_teachers(steps: list[tuple[str, object]], workdir: str) -> dict[str,
 
 
 def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool = True,
-        overwrite: bool = False, evaluate: bool = True) -> dict:
+        overwrite: bool = False, evaluate: bool = True, guidance: float = 1.0) -> dict:
   """Programmatic form of the command line; returns the evaluation result (or {})."""
   steps = stages(config)
   chain = "stages" in config
@@ -88,10 +91,10 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
         train.train_and_evaluate(cfg, wd, progress=progress, overwrite=overwrite)
     runs[name] = wd
   if mode == "sample":
-    return _sample(runs, workdir, nfe)
+    return _sample(runs, workdir, nfe, guidance)
   if not evaluate:
     return {}
-  result = report.evaluate_runs(runs, workdir)
+  result = report.evaluate_runs(runs, workdir, guidance=guidance)
   title = f"fmdistill report: {workdir}"
   text = report.markdown(result, title, extra=config.get("description", ""))
   with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -99,11 +102,11 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
   return result
 
 
-def _sample(runs: dict, workdir: str, nfe: int) -> dict:
+def _sample(runs: dict, workdir: str, nfe: int, guidance: float = 1.0) -> dict:
   name, wd = list(runs.items())[-1]
   config, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
   x = evaluate_lib.generate(config, net, params, jax.random.PRNGKey(config.seed),
-                            config.eval.num_samples, nfe)
+                            config.eval.num_samples, nfe, guidance=guidance)
   np.save(os.path.join(workdir, f"samples_{name}_nfe{nfe}.npy"), x)
   plots.samples_figure({f"{name} {nfe} NFE": x}, os.path.join(workdir,
                                                               f"samples_{name}_nfe{nfe}.png"))
@@ -117,7 +120,7 @@ def main(argv):
   parallel.initialize()  # multi-process jobs: before anything touches the devices
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value,
-        _OVERWRITE.value, _EVAL.value)
+        _OVERWRITE.value, _EVAL.value, guidance=_GUIDANCE.value)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)

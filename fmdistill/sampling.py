@@ -81,14 +81,39 @@ def solver_steps_for_nfe(nfe: int, method: str) -> int:
   return nfe // per
 
 
+def flow_map_step(f: FlowMapFn, x: Array, t: Array, s: Array, *, path: Path | None = None,
+                  gamma: float = 0.0, key: Array | None = None, last: Array | bool = False
+                  ) -> Array:
+  """One step of multistep flow-map sampling from ``t`` to ``s`` (``(B,)`` arrays, ``s < t``).
+
+  ``gamma = 0``: the jump ``f(x, t, s)``. ``gamma > 0`` (CTM's gamma-sampling; ``gamma = 1`` is
+  consistency-model multistep: denoise to 0, re-noise with fresh noise): jump to the earlier
+  time ``u`` with ``rho(u) = sqrt(1 - gamma^2) rho(s)``, ``rho = sigma / alpha``, then diffuse
+  forward to ``s`` with fresh noise along ``path``. ``last``: land on ``s`` exactly (no noise).
+  """
+  if gamma == 0.0:
+    return f(x, t, s)
+  if path is None or key is None:
+    raise ValueError("gamma-sampling needs a path and a PRNG key")
+  rho_s = path.sigma(s) / path.alpha(s)
+  rho_u = jnp.sqrt(1.0 - gamma ** 2) * rho_s
+  u = jnp.where(rho_u <= 0, 0.0,
+                path.time_from_log_snr(-2.0 * jnp.log(jnp.maximum(rho_u, 1e-30))))
+  u = jnp.where(last, s, u)
+  xu = f(x, t, u)
+  a = path.alpha(s) / path.alpha(u)
+  var = jnp.maximum(path.sigma(s) ** 2 - (a * path.sigma(u)) ** 2, 0.0)
+  xs = bcast(a, x) * xu + bcast(jnp.sqrt(var), x) * jax.random.normal(key, x.shape, x.dtype)
+  return jnp.where(last, xu, xs.astype(x.dtype))
+
+
 def sample_flow_map(f: FlowMapFn, x: Array, grid: Array, *, path: Path | None = None,
                     gamma: float = 0.0, key: Array | None = None) -> Array:
-  """Multistep flow-map sampling along ``grid``: ``x <- f(x, t_i, t_{i+1})``.
+  """Multistep flow-map sampling along ``grid``: ``x <- flow_map_step(f, x, t_i, t_{i+1})``.
 
   With ``gamma > 0`` (CTM's gamma-sampling; ``gamma = 1`` is consistency-model multistep with
-  full noise re-injection) each step jumps to an earlier time ``u`` with
-  ``rho(u) = sqrt(1 - gamma^2) rho(t_{i+1})``, ``rho = sigma / alpha``, then diffuses forward
-  to ``t_{i+1}`` with fresh noise along ``path``. The last step always lands on ``grid[-1]``.
+  full noise re-injection) each step jumps to an earlier time and re-noises with fresh noise
+  (``flow_map_step``). The last step always lands on ``grid[-1]``.
   """
   b = x.shape[0]
   n = grid.shape[0] - 1
@@ -102,16 +127,8 @@ def sample_flow_map(f: FlowMapFn, x: Array, grid: Array, *, path: Path | None = 
 
   def stoch(x, inp):
     t, s, k, last = inp
-    rho_s = path.sigma(s) / path.alpha(s)
-    rho_u = jnp.sqrt(1.0 - gamma ** 2) * rho_s
-    u = jnp.where(rho_u <= 0, 0.0,
-                  path.time_from_log_snr(-2.0 * jnp.log(jnp.maximum(rho_u, 1e-30))))
-    u = jnp.where(last, s, u)
-    xu = f(x, jnp.full((b,), t), jnp.full((b,), u))
-    a = path.alpha(s) / path.alpha(u)
-    var = jnp.maximum(path.sigma(s) ** 2 - (a * path.sigma(u)) ** 2, 0.0)
-    xs = a * xu + jnp.sqrt(var) * jax.random.normal(k, x.shape, x.dtype)
-    return jnp.where(last, xu, xs), None
+    return flow_map_step(f, x, jnp.full((b,), t), jnp.full((b,), s), path=path, gamma=gamma,
+                         key=k, last=last), None
 
   keys = jax.random.split(key, n)
   last = jnp.arange(n) == n - 1

@@ -144,6 +144,21 @@ def build_network(config: ml_collections.ConfigDict, shape: tuple, num_classes: 
 
 # ------------------------------------------------------------------------------ states
 
+STUDENT_ONLY = ("guidance",)  # subtrees a student may add to its teacher's network
+
+
+def from_teacher(params: dict, teacher_params: dict) -> dict:
+  """The student's initial parameters: a copy of the teacher's, plus the student's own fresh
+  ``STUDENT_ONLY`` subtrees (a guidance-scale embedding, zero at initialisation, so the student
+  still starts as the teacher). ``ConfigError`` if anything else does not fit."""
+  extra = {k: v for k, v in params.items() if k in STUDENT_ONLY and k not in teacher_params}
+  rest = {k: v for k, v in params.items() if k not in extra}
+  if jax.tree_util.tree_map(jnp.shape, teacher_params) != jax.tree_util.tree_map(jnp.shape, rest):
+    raise ConfigError("config.teacher.init_student=True but the teacher's parameters do not "
+                      "fit the student network; set config.teacher.init_student=False")
+  return {**copy(teacher_params), **copy(extra)}
+
+
 
 def init_parts(config: ml_collections.ConfigDict, ctx: objectives.PartContext, key: Array
                ) -> dict[str, PartState]:

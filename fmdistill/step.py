@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fmdistill import objectives, parallel, state as state_lib
+from fmdistill import health as health_lib, objectives, parallel, state as state_lib
 from fmdistill import teacher as teacher_lib
 from fmdistill.state import PartState, TrainState
 
@@ -59,7 +59,8 @@ def part_networks(config: ml_collections.ConfigDict, net: Any,
   """``{part: apply(params, ...)}`` (``None`` for parts used as raw parameters)."""
   entry = objectives.entry(config.method)
   teacher_fn = teacher_lib.velocity_fn(teacher, config) if teacher is not None else None
-  ctx = objectives.PartContext(config=config, net=net, params=None, teacher_fn=teacher_fn)
+  ctx = objectives.PartContext(config=config, net=net, params=None, teacher_fn=teacher_fn,
+                               teacher=teacher)
   out = {}
   for name, part in entry.parts_for(config.objective).items():
     if part.network == "teacher":
@@ -92,7 +93,10 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
     for n, p in parts.items():
       if n != exclude and not p.joint:
         w = sg(state.parts[n].params)
-        out[n] = w if apply[n] is None else functools.partial(apply[n], w)
+        if apply[n] is None:
+          out[n] = w
+        else:
+          out[n] = apply[n].bind(w) if hasattr(apply[n], "bind") else functools.partial(apply[n], w)
     return out
 
   def part_step(state: TrainState, name: str, batch: dict, key: Array, bound,
@@ -151,6 +155,9 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
     metrics.update(aux)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
                    skipped=state.skipped)
+    logged = (state.step % t.log_every == 0) | (state.step == t.steps)  # health probes
+    metrics.update(health_lib.when(logged, config, net, state.params, batch,
+                                   jax.random.fold_in(k_loss, 1 << 20)))
     return state, metrics
 
   return TrainStep(step_fn, shardings)

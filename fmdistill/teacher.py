@@ -48,7 +48,7 @@ def _native(tconfig) -> tuple:
 
 
 # model fields of configs written before they existed (the legacy time embedding)
-_LEGACY = {"time_embedding": "legacy", "time_scale": 1000.0, "qk_norm": False}
+_LEGACY = models.LEGACY
 
 
 def init_mismatches(config: ml_collections.ConfigDict, teacher: Teacher) -> list[str]:
@@ -66,7 +66,8 @@ def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
   o = config.objective
   return flowmap.teacher_network(
       teacher.net, params, teacher.param, teacher.path, paths.get_path(o.path, o.sigma_d),
-      guidance=config.teacher.guidance, null_label=o.num_classes or None)
+      guidance=config.teacher.guidance, null_label=o.num_classes or None,
+      interval=tuple(config.teacher.get("guidance_interval", ())))
 
 
 def velocity_fn(teacher: Teacher, config) -> Callable:

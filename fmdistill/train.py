@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
@@ -84,15 +83,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   k_model, k_parts, k_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   net, params = state_lib.build_network(config, shape, num_classes, k_model)
   if init_student:
-    if jax.tree_util.tree_map(jnp.shape, teacher.params) != jax.tree_util.tree_map(
-        jnp.shape, params):
-      raise ConfigError("config.teacher.init_student=True but the teacher's parameters do not "
-                        "fit the student network; set config.teacher.init_student=False")
-    params = state_lib.copy(teacher.params)
+    params = state_lib.from_teacher(params, teacher.params)
   ctx = objectives.PartContext(
       config=config, net=net, params=params,
       teacher_params=None if teacher is None else teacher.params,
-      teacher_fn=None if teacher is None else teacher_lib.velocity_fn(teacher, config))
+      teacher_fn=None if teacher is None else teacher_lib.velocity_fn(teacher, config),
+      teacher=teacher)
   parts = state_lib.init_parts(config, ctx, k_parts)
   state = state_lib.init_state(config, params, parts, k_state)
   if entry.needs_pairs:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fmdistill import config as config_lib, objectives, state as state_lib, step as step_lib
-from fmdistill.objectives import _common
+from fmdistill.objectives import _common, _score
 
 NAME = "_test_two_parts"
 
@@ -109,8 +109,11 @@ def test_config_sections_and_validation(two_parts):
 
 def test_dmd_and_rcm_declare_their_parts():
   dmd, rcm, scm = (objectives.entry(n) for n in ("dmd", "rcm", "scm_ct"))
-  assert dmd.parts["critic"].init == "teacher" and dmd.parts["critic"].updates == 5
+  # the critic starts as a copy of the teacher (plus a guidance-scale embedding if the student
+  # takes the scale as an input): _score.init_critic
+  assert dmd.parts["critic"].init is _score.init_critic and dmd.parts["critic"].updates == 5
   assert set(rcm.parts) == {"critic", "weighting"}
+  assert (rcm.parts["critic"].updates, rcm.parts["critic"].start) == (4, 1000)
   assert scm.parts["weighting"].joint
   cfg = objectives.default_config("scm_ct")
   cfg.adaptive_weight = False

@@ -158,15 +158,16 @@ def _one_step_error(c, wd, teacher_wd):
 
 def test_teacher_initialised_student_learns_faster_than_random(fm_teacher, tmp_path):
   """AYF-EMD, 150 steps, same seed: from the teacher's weights the 1-step map is much closer
-  to the teacher's ODE solution than from random weights (measured: 0.16 vs 0.61 RMSE; at
-  step 0 the teacher's 1-step Euler jump is the worse of the two, 1.27 vs 0.61)."""
+  to the teacher's ODE solution than from random weights (measured with the adaptive double
+  normalisation of ``model.modulation='adn'``: 0.20 vs 0.30 RMSE; with the old ``'film'``
+  network 0.16 vs 0.61 -- ADN makes the random start train faster)."""
   err = {}
   for init in (True, False):
     c = _student("ayf_emd", fm_teacher, init, 150)
     wd = str(tmp_path / f"init_{init}")
     train.train_and_evaluate(c, wd, progress=False)
     err[init] = _one_step_error(c, wd, fm_teacher)
-  assert err[True] < 0.5 * err[False], err
+  assert err[True] < 0.75 * err[False], err
 
 
 def test_reparameterized_consistency_map_has_finite_time_tangents():

@@ -18,17 +18,21 @@ Array = jax.Array
 def generate(config: ml_collections.ConfigDict, net: Any, params: Any, key: Array, n: int,
              nfe: int, *, sampler: str | None = None, guidance: float = 1.0) -> np.ndarray:
   """``n`` samples with ``nfe`` network evaluations: ODE solve of the velocity
-  (``sampler='ode'``, solver ``config.eval.solver``) or multistep flow-map jumps."""
+  (``sampler='ode'``, solver ``config.eval.solver``, classifier-free guidance ``guidance``) or
+  multistep flow-map jumps; a student that takes the guidance scale as an input
+  (``model.guidance_embed``) is given ``guidance`` (a student with a baked-in scale ignores
+  it)."""
   o = config.objective
   sampler = sampler or objectives.entry(config.method).sampler
   fn = _sampler_fn(net, tuple(config.data_shape), o.path, o.sigma_d, o.param, o.num_classes,
-                   sampler, nfe, config.eval.solver, config.eval.gamma, guidance, n)
+                   sampler, nfe, config.eval.solver, config.eval.gamma, guidance, n,
+                   bool(config.model.get("guidance_embed", False)))
   return np.asarray(fn(params, key))
 
 
 @functools.lru_cache(maxsize=64)
 def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler, nfe, solver,
-                gamma, guidance, n):
+                gamma, guidance, n, guidance_input=False):
   path = paths.get_path(path_name, sigma_d)
   param = flowmap.Parameterization(param_name, sigma_d)
 
@@ -43,6 +47,8 @@ def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler
       steps = sampling.solver_steps_for_nfe(nfe, solver)
       return sampling.solve_ode(lambda x_, t_: v(x_, t_, cond), x,
                                 sampling.time_grid(steps, path.T), solver)
+    if guidance_input and cond is not None:
+      cond = {"label": cond, "w": jnp.full((n,), guidance, jnp.float32)}
     f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, cond)
     return sampling.sample_flow_map(f, x, sampling.time_grid(nfe, path.T), path=path,
                                     gamma=gamma, key=kg)

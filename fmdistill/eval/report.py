@@ -25,11 +25,13 @@ def _features(config, workdir: str):
                                      cache=os.path.join(workdir, "classifier.npz"))
 
 
-def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0) -> dict:
+def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
+                  guidance: float = 1.0) -> dict:
   """Evaluate each named run directory; write figures and ``metrics.json`` into ``out_dir``.
 
   Flow-matching runs (``sampler='ode'``) are sampled at ``eval.teacher_nfe`` with
-  ``eval.solver``; flow-map students at ``eval.student_nfe`` jumps along a uniform grid.
+  ``eval.solver``; flow-map students at ``eval.student_nfe`` jumps along a uniform grid;
+  ``guidance``: the classifier-free guidance scale (``evaluate.generate``).
   """
   os.makedirs(out_dir, exist_ok=True)
   first = runs_lib.read_config(next(iter(runs.values())))
@@ -49,7 +51,8 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0) -> dict:
     per_nfe, panels = {}, {}
     for nfe in nfes:
       t0 = time.time()
-      x = evaluate.generate(config, net, params, jax.random.PRNGKey(seed), len(reference), nfe)
+      x = evaluate.generate(config, net, params, jax.random.PRNGKey(seed), len(reference), nfe,
+                            guidance=guidance)
       q = evaluate.quality(x, reference, features)
       q["seconds"] = time.time() - t0
       per_nfe[int(nfe)] = q

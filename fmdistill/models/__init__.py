@@ -17,7 +17,7 @@ from fmdistill.errors import ConfigError
 from flax import nnx
 
 from fmdistill.models.dit import DiT
-from fmdistill.models.embeddings import TIME_EMBEDDINGS
+from fmdistill.models.embeddings import MODULATIONS, TIME_EMBEDDINGS
 from fmdistill.models.mlp import MLP
 
 Array = jax.Array
@@ -25,7 +25,11 @@ MODELS = ("mlp", "dit")
 # model fields that define the function a set of weights computes (a student initialised from
 # a teacher must agree with it on all of them); dtype and attention impl only change precision
 FUNCTION_FIELDS = ("name", "width", "depth", "patch", "heads", "mlp_ratio", "time_embedding",
-                   "time_scale", "qk_norm")
+                   "time_scale", "qk_norm", "modulation")
+# what a config written before a field existed means (its network is rebuilt as it was trained)
+LEGACY = {"time_embedding": "legacy", "time_scale": 1000.0, "qk_norm": False,
+          "modulation": "film", "guidance_embed": False}
+DEAD_BELOW = -4.0  # a unit whose pre-activation stays below this on a whole probe batch is dead
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -37,6 +41,32 @@ class Network:
   def __call__(self, params: Any, x: Array, t: Array, s: Array, cond: Array | None = None
                ) -> Array:
     return nnx.merge(self.graphdef, params)(x, t, s, cond)
+
+  def features(self, params: Any, x: Array, t: Array, s: Array, cond=None) -> Array:
+    """The last hidden layer, ``(B, width)`` (mean over tokens for the DiT): the features a
+    discriminator head reads (DMD2's GAN term on its critic)."""
+    return nnx.merge(self.graphdef, params).forward(x, t, s, cond, features=True)
+
+  def probe(self, params: Any, x: Array, t: Array, s: Array, cond=None) -> dict[str, Array]:
+    """Training-health statistics of one forward pass (scalars, float32):
+
+    * ``dead_frac``: fraction of hidden units (the pre-activations of the hidden layers' and the
+      output layer's non-linearities) that stay below ``DEAD_BELOW`` for every example;
+    * ``mod_scale``: the largest RMS (over channels, mean over the batch) of any multiplicative
+      time modulation (``1 + scale`` and gates for ``'film'``; ``pnorm(scale)``, i.e. 1, and
+      ``tanh`` gates for ``'adn'``);
+    * ``resid_rms``: RMS of the residual stream before the output layers.
+    """
+    stats: dict = {}
+    nnx.merge(self.graphdef, params).forward(x, t, s, cond, stats=stats)
+    f32 = lambda a: a.astype(jnp.float32)
+    dead = [jnp.max(f32(a), axis=0) < DEAD_BELOW for a in stats["preact"]]
+    units = sum(d.size for d in dead)
+    rms = lambda a: jnp.sqrt(jnp.mean(jnp.square(f32(a)), axis=-1))
+    return {"dead_frac": sum(jnp.sum(d) for d in dead).astype(jnp.float32) / units,
+            "mod_scale": jnp.max(jnp.stack([jnp.mean(rms(m)) for m in stats["mod"]])),
+            "resid_rms": jnp.mean(jnp.stack([jnp.sqrt(jnp.mean(jnp.square(f32(r))))
+                                             for r in stats["resid"]]))}
 
 
 def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_classes: int,
@@ -51,22 +81,28 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
     raise ConfigError(f"config.model.dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
   rngs = nnx.Rngs(params=key)
   dtype = DTYPES[cfg.dtype]
-  # configs written before the positional embedding have no ``time_embedding`` field (legacy)
-  time = dict(kind=cfg.get("time_embedding", "legacy"), scale=float(cfg.get("time_scale", 1000.0)))
+  # configs written before a field existed rebuild the network they were trained with (LEGACY)
+  field = lambda k: cfg.get(k, LEGACY[k])
+  time = dict(kind=field("time_embedding"), scale=float(field("time_scale")))
   if time["kind"] not in TIME_EMBEDDINGS:
     raise ConfigError(f"config.model.time_embedding={time['kind']!r} is invalid; accepted: "
                       f"{list(TIME_EMBEDDINGS)}")
+  if field("modulation") not in MODULATIONS:
+    raise ConfigError(f"config.model.modulation={field('modulation')!r} is invalid; accepted: "
+                      f"{list(MODULATIONS)}")
+  extra = dict(modulation=field("modulation"), guidance_embed=bool(field("guidance_embed")))
   if cfg.name == "mlp":
     if len(data_shape) != 1:
       raise ConfigError(f"model 'mlp' takes vectors (d,), the data has shape {data_shape}; "
                        "use model.name='dit' for images")
-    module = MLP(data_shape[0], cfg.width, cfg.depth, num_classes, dtype, time=time, rngs=rngs)
+    module = MLP(data_shape[0], cfg.width, cfg.depth, num_classes, dtype, time=time, **extra,
+                 rngs=rngs)
   else:
     if len(data_shape) != 3:
       raise ConfigError(f"model 'dit' takes images (H, W, C), the data has shape {data_shape}")
     module = DiT(tuple(data_shape), cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio,
-                 num_classes, dtype, cfg.attn_impl, qk_norm=bool(cfg.get("qk_norm", False)),
-                 time=time, rngs=rngs)
+                 num_classes, dtype, cfg.attn_impl, qk_norm=bool(field("qk_norm")),
+                 time=time, **extra, rngs=rngs)
   graphdef, state = nnx.split(module)
   return Network(graphdef), nnx.to_pure_dict(state)
 

@@ -1,10 +1,16 @@
 """A small DiT (Peebles & Xie 2023) flow-map network for images: ``F(x, t, s, cond)``.
 
 ``x (B, H, W, C)`` -> patches of ``patch x patch`` -> ``depth`` transformer blocks with
-adaLN-zero conditioning on ``TimeEmbed(t, t - s) + LabelEmbed(cond)`` -> unpatchify. Attention
-goes through ``fmdistill.parallel.attention`` (the Pallas kernel, in ``shard_map`` when a
-mesh is set) so that the fused kernel (and its JVP rule) is
-used by every objective unchanged.
+adaptive-norm conditioning on ``TimeEmbed(t, t - s) + LabelEmbed(cond)`` (``+ GuidanceEmbed(w)``
+with ``guidance_embed``) -> unpatchify. Attention goes through ``fmdistill.parallel.attention``
+(the Pallas kernel, in ``shard_map`` when a mesh is set) so that the fused kernel (and its JVP
+rule) is used by every objective unchanged.
+
+``modulation='adn'`` (default): sCM's adaptive double normalisation (Lu & Song 2024, Sec. 4.1):
+shift and scale of every adaptive norm are ``pnorm``-ed (unit RMS over channels), and the
+residual gates of adaLN-zero are bounded, ``tanh(g(c))`` (still zero at initialisation, so
+every block starts as the identity). ``'film'``: DiT's adaLN-zero as in checkpoints written
+before (``x (1 + scale) + shift``, unbounded gates).
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from flax import nnx
 
 from fmdistill import parallel
 from fmdistill.errors import ConfigError
-from fmdistill.models.embeddings import LabelEmbed, TimeEmbed
+from fmdistill.models.embeddings import (GuidanceEmbed, LabelEmbed, MODULATIONS, TimeEmbed,
+                                         pnorm, record, split_cond)
 
 Array = jax.Array
 
@@ -33,7 +40,8 @@ def pos_embed_2d(h: int, w: int, dim: int) -> np.ndarray:
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
-  return x * (1 + scale[:, None]) + shift[:, None]
+  """``x * scale + shift`` per example (``scale`` already multiplicative: ``1 + s`` for FiLM)."""
+  return x * scale[:, None] + shift[:, None]
 
 
 class Block(nnx.Module):
@@ -45,9 +53,10 @@ class Block(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, mlp_ratio: float, dtype, attn_impl: str, *,
-               qk_norm: bool = False, rngs: nnx.Rngs):
+               qk_norm: bool = False, modulation: str = "adn", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=jnp.float32)
     self.heads, self.attn_impl, self.qk_norm = heads, attn_impl, qk_norm
+    self.modulation = modulation
     if qk_norm:
       self.q_norm = nnx.RMSNorm(width // heads, epsilon=1e-6, rngs=rngs, **kw)
       self.k_norm = nnx.RMSNorm(width // heads, epsilon=1e-6, rngs=rngs, **kw)
@@ -58,60 +67,100 @@ class Block(nnx.Module):
     hidden = int(width * mlp_ratio)
     self.fc1 = nnx.Linear(width, hidden, rngs=rngs, **kw)
     self.fc2 = nnx.Linear(hidden, width, rngs=rngs, **kw)
-    self.ada = nnx.Linear(width, 6 * width, rngs=rngs, kernel_init=nnx.initializers.zeros, **kw)
+    if modulation == "adn":  # shift/scale (pnorm needs a non-zero start) and zero-init gates
+      self.ada = nnx.Linear(width, 4 * width, rngs=rngs, **kw)
+      self.gate = nnx.Linear(width, 2 * width, rngs=rngs, kernel_init=nnx.initializers.zeros,
+                             **kw)
+    else:
+      self.ada = nnx.Linear(width, 6 * width, rngs=rngs, kernel_init=nnx.initializers.zeros,
+                            **kw)
 
-  def __call__(self, x: Array, c: Array) -> Array:
-    sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(nnx.silu(c)), 6, axis=-1)
+  def _modulation(self, c: Array) -> tuple[Array, ...]:
+    """``(shift1, scale1, gate1, shift2, scale2, gate2)``, scales multiplicative."""
+    if self.modulation == "adn":
+      sh1, sc1, sh2, sc2 = (pnorm(a) for a in jnp.split(self.ada(c), 4, axis=-1))
+      g1, g2 = jnp.split(jnp.tanh(self.gate(c)), 2, axis=-1)
+      return sh1, sc1, g1, sh2, sc2, g2
+    sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(c), 6, axis=-1)
+    return sh1, 1 + sc1, g1, sh2, 1 + sc2, g2
+
+  def __call__(self, x: Array, c: Array, stats: dict | None = None) -> Array:
+    sh1, sc1, g1, sh2, sc2, g2 = self._modulation(nnx.silu(c))
+    for m in (sc1, g1, sc2, g2):
+      record(stats, "mod", m)
     q, k, v = jnp.split(self.qkv(modulate(self.norm1(x), sh1, sc1)), 3, axis=-1)
     q, k, v = (rearrange(a, "b n (h d) -> b n h d", h=self.heads) for a in (q, k, v))
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     a = parallel.attention(q, k, v, impl=self.attn_impl)
     x = x + g1[:, None] * self.proj(rearrange(a, "b n h d -> b n (h d)"))
-    h = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), sh2, sc2)), approximate=True))
-    return x + g2[:, None] * h
+    a = self.fc1(modulate(self.norm2(x), sh2, sc2))
+    record(stats, "preact", a.reshape(-1, a.shape[-1]))
+    return x + g2[:, None] * self.fc2(nnx.gelu(a, approximate=True))
 
 
 class DiT(nnx.Module):
   """Diffusion transformer; ``num_classes = 0`` means unconditional; ``qk_norm`` as in
-  ``Block`` (``config.model.qk_norm``, default off)."""
+  ``Block`` (``config.model.qk_norm``, default off); ``modulation`` and ``guidance_embed`` as in
+  the module docstring (``config.model.modulation``, ``config.model.guidance_embed``)."""
 
   def __init__(self, image_shape: tuple[int, int, int], patch: int = 2, width: int = 128,
                depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 0,
                dtype: jnp.dtype = jnp.float32, attn_impl: str = "auto", *,
-               time: dict | None = None, qk_norm: bool = False, rngs: nnx.Rngs):
+               time: dict | None = None, qk_norm: bool = False, modulation: str = "adn",
+               guidance_embed: bool = False, rngs: nnx.Rngs):
     h, w, ch = image_shape
     if h % patch or w % patch:
       raise ConfigError(f"config.model.patch={patch} does not divide the image size {h}x{w}")
     if width % heads:
       raise ConfigError(f"config.model.heads={heads} does not divide model.width={width}")
+    if modulation not in MODULATIONS:
+      raise ConfigError(f"config.model.modulation={modulation!r} is invalid; accepted: "
+                        f"{list(MODULATIONS)}")
     self.patch, self.grid, self.channels, self.depth, self.dtype = patch, (h // patch, w // patch), ch, depth, dtype
+    self.modulation = modulation
     kw = dict(dtype=dtype, param_dtype=jnp.float32)
     self.embed = nnx.Linear(patch * patch * ch, width, rngs=rngs, **kw)
     self.width = width
     self.time = TimeEmbed(width, **(time or {}), rngs=rngs)
     self.label = LabelEmbed(num_classes, width, rngs=rngs) if num_classes else None
+    self.guidance = GuidanceEmbed(width, rngs=rngs) if guidance_embed else None
     for i in range(depth):
       setattr(self, f"block{i}", Block(width, heads, mlp_ratio, dtype, attn_impl,
-                                       qk_norm=qk_norm, rngs=rngs))
+                                       qk_norm=qk_norm, modulation=modulation, rngs=rngs))
     self.final_norm = nnx.LayerNorm(width, use_scale=False, use_bias=False, rngs=rngs, **kw)
-    self.final_ada = nnx.Linear(width, 2 * width, rngs=rngs,
-                                kernel_init=nnx.initializers.zeros, **kw)
+    init = {} if modulation == "adn" else dict(kernel_init=nnx.initializers.zeros)
+    self.final_ada = nnx.Linear(width, 2 * width, rngs=rngs, **init, **kw)
     self.final = nnx.Linear(width, patch * patch * ch, rngs=rngs,
                             kernel_init=nnx.initializers.zeros, **kw)
 
-  def __call__(self, x: Array, t: Array, s: Array, cond: Array | None = None) -> Array:
+  def __call__(self, x: Array, t: Array, s: Array, cond=None) -> Array:
+    return self.forward(x, t, s, cond)
+
+  def forward(self, x: Array, t: Array, s: Array, cond=None, stats: dict | None = None,
+              features: bool = False) -> Array:
+    """The network; ``stats`` (a dict) collects health probes (``models.probe``), ``features``
+    returns the mean-pooled last hidden layer ``(B, width)`` instead of the output."""
     p = self.patch
     gh, gw = self.grid
+    label, w = split_cond(cond)
     c = self.time(t, s)
-    if self.label is not None and cond is not None:
-      c = c + self.label(cond)
+    if self.label is not None and label is not None:
+      c = c + self.label(label)
+    if self.guidance is not None:
+      c = c + self.guidance(w, c.shape[0])
     c = c.astype(self.dtype)
     z = rearrange(x.astype(self.dtype), "b (gh p1) (gw p2) c -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
     z = self.embed(z) + jnp.asarray(pos_embed_2d(gh, gw, self.width), self.dtype)[None]
     for i in range(self.depth):
-      z = getattr(self, f"block{i}")(z, c)
+      z = getattr(self, f"block{i}")(z, c, stats)
+    record(stats, "resid", z.reshape(-1, z.shape[-1]))
     shift, scale = jnp.split(self.final_ada(nnx.silu(c)), 2, axis=-1)
-    z = self.final(modulate(self.final_norm(z), shift, scale))
+    shift, scale = (pnorm(shift), pnorm(scale)) if self.modulation == "adn" else (shift, 1 + scale)
+    record(stats, "mod", scale)
+    z = modulate(self.final_norm(z), shift, scale)
+    if features:
+      return jnp.mean(z, axis=1)
+    z = self.final(z)
     out = rearrange(z, "b (gh gw) (p1 p2 c) -> b (gh p1) (gw p2) c", gh=gh, gw=gw, p1=p, p2=p)
     return out.astype(x.dtype)

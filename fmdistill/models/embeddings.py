@@ -23,6 +23,20 @@ def sinusoidal(t: Array, dim: int, max_period: float = 10_000.0, scale: float = 
 
 
 TIME_EMBEDDINGS = ("positional", "legacy")
+MODULATIONS = ("adn", "film")
+
+
+def pnorm(a: Array, eps: float = 1e-4) -> Array:
+  """Pixel normalisation over the last axis, ``a / sqrt(mean(a^2) + eps)`` (computed in float32,
+  returned in ``a``'s dtype): sCM's ``pnorm`` in adaptive double normalisation."""
+  a32 = a.astype(jnp.float32)
+  return (a32 * jax.lax.rsqrt(jnp.mean(jnp.square(a32), -1, keepdims=True) + eps)).astype(a.dtype)
+
+
+def record(stats: dict | None, name: str, value: Array) -> None:
+  """Append ``value`` to ``stats[name]`` when a health probe is collecting (``stats`` a dict)."""
+  if stats is not None:
+    stats.setdefault(name, []).append(value)
 
 
 class TimeEmbed(nnx.Module):
@@ -79,3 +93,36 @@ class LabelEmbed(nnx.Module):
 
   def __call__(self, cond: Array) -> Array:
     return self.table(cond.astype(jnp.int32))
+
+
+def split_cond(cond) -> tuple[Array | None, Array | None]:
+  """``(labels, guidance scale w)`` from a network's ``cond``: labels ``(B,)`` int, ``None``, or
+  a dict ``{'label': (B,) int or None, 'w': (B,) float}`` (classifier-free-guidance students
+  that take the scale as an input; ``fmdistill.flowmap`` binds teachers the same way)."""
+  if isinstance(cond, dict):
+    return cond.get("label"), cond.get("w")
+  return cond, None
+
+
+class GuidanceEmbed(nnx.Module):
+  """The guidance scale ``w (B,)`` as a ``(B, width)`` embedding added to the time/label
+  conditioning (``config.model.guidance_embed``). Features ``[cos((w - 1) f) - 1, sin((w - 1)
+  f)]`` and bias-free layers make the embedding exactly zero at ``w = 1`` (and when no ``w`` is
+  given); the output layer starts at zero, so a student built from an unguided teacher starts
+  as that teacher for every ``w``."""
+
+  def __init__(self, width: int, freq_dim: int = 64, *, rngs: nnx.Rngs):
+    self.freq_dim = freq_dim
+    f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    self.w1 = nnx.Linear(freq_dim, width, use_bias=False, rngs=rngs, **f32)
+    self.w2 = nnx.Linear(width, width, use_bias=False, kernel_init=nnx.initializers.zeros,
+                         rngs=rngs, **f32)
+
+  def __call__(self, w: Array | None, batch: int) -> Array:
+    w = jnp.ones((batch,), jnp.float32) if w is None else jnp.asarray(w, jnp.float32)
+    w = jnp.broadcast_to(w, (batch,))
+    half = self.freq_dim // 2
+    feats = sinusoidal(w - 1.0, self.freq_dim, scale=1.0)
+    feats = feats - jnp.concatenate([jnp.ones((1, half)), jnp.zeros((1, self.freq_dim - half))],
+                                    axis=1)
+    return self.w2(nnx.silu(self.w1(feats)))

@@ -36,13 +36,16 @@ class PartContext:
   ``config``: the full run config; ``net``: the student network; ``params``: the student's
   initial parameters (after teacher initialisation); ``teacher_params``: the frozen teacher's
   (or ``None``); ``teacher_fn(params, x, t, cond)``: the teacher's architecture as a velocity on
-  the student's path, differentiable in ``params`` (or ``None`` without a teacher).
+  the student's path, differentiable in ``params`` (or ``None`` without a teacher);
+  ``teacher``: the loaded ``fmdistill.teacher.Teacher`` (network, parameterisation, path), for
+  parts that need more of its architecture than the velocity (a critic's features).
   """
   config: Any
   net: Any
   params: Any
   teacher_params: Any = None
   teacher_fn: Callable | None = None
+  teacher: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +57,8 @@ class Part:
   * ``network``: how the part is called: ``'teacher'`` (``ctx.teacher_fn``: the teacher's
     architecture as a velocity ``v(params, x, t, cond)``), ``'student'`` (the student network
     ``F(params, x, t, s, cond)``), ``network(ctx) -> apply(params, ...)``, or ``None`` (the
-    losses use the raw parameters).
+    losses use the raw parameters). An ``apply`` with a ``bind(params)`` method is frozen for
+    the student loss by it (instead of ``functools.partial``), e.g. to expose features too.
   * ``loss``: ``loss(part_params, student_params, batch, key, *, net, apply, teacher, parts,
     step, cfg) -> (scalar, metrics)``, the part's own objective (``apply`` its network,
     ``parts`` the other parts frozen); ``None`` means the part is trained **jointly** by the

@@ -50,12 +50,15 @@ def noisy(key: Array, x0: Array, t: Array, path: paths.Path) -> tuple[Array, Arr
   return path.sample(x0, eps, t), eps, path.velocity(x0, eps, t)
 
 
-def drop_labels(key: Array, cond: Array | None, cfg) -> Array | None:
-  """Replace labels by the null label ``cfg.num_classes`` with probability ``label_dropout``."""
-  if cond is None or cfg.label_dropout <= 0:
+def drop_labels(key: Array, cond: Array | None, cfg) -> Any:
+  """Replace labels by the null label ``cfg.num_classes`` with probability ``label_dropout``;
+  then, with ``guidance_input``, attach a guidance scale per example (``guidance_cond``)."""
+  if cond is None:
     return cond
+  if cfg.label_dropout <= 0:
+    return guidance_cond(jax.random.fold_in(key, 1), cond, cfg)
   drop = jax.random.uniform(key, cond.shape) < cfg.label_dropout
-  return jnp.where(drop, cfg.num_classes, cond)
+  return guidance_cond(jax.random.fold_in(key, 1), jnp.where(drop, cfg.num_classes, cond), cfg)
 
 
 def mean_sq(x: Array) -> Array:
@@ -86,3 +89,28 @@ def require(cfg, *, param: str | None = None, path: str | None = None, method: s
     raise ValueError(f"{method} is written for param={param!r}, got {cfg.param!r}")
   if path is not None and cfg.path != path:
     raise ValueError(f"{method} is written for path={path!r}, got {cfg.path!r}")
+
+
+# ----------------------------------------------------------------------------- guidance input
+
+
+def guidance_fields(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Classifier-free-guidance distillation with the scale as a student input: with
+  ``guidance_input`` every example draws ``w ~ U[guidance_range]`` and both the student
+  (``model.guidance_embed=True``) and the teacher (guided per example) see it in ``cond``
+  (``guidance_cond``); otherwise the teacher's fixed ``config.teacher.guidance`` is baked in."""
+  cfg.guidance_input = False
+  cfg.guidance_range = (1.0, 4.0)
+  return cfg
+
+
+def guidance_cond(key: Array, cond: Array | None, cfg) -> Any:
+  """``{'label': cond, 'w': (B,)}`` with ``w ~ U[guidance_range]`` when ``cfg.guidance_input``
+  and there are labels (``flowmap.split_cond``); ``cond`` unchanged otherwise. Examples whose
+  label is the null label (dropped for CFG training) get ``w = 1``."""
+  if cond is None or not cfg.get("guidance_input", False):
+    return cond
+  lo, hi = cfg.guidance_range
+  w = jax.random.uniform(key, cond.shape, minval=lo, maxval=hi)
+  w = jnp.where(cond == cfg.num_classes, 1.0, w)
+  return {"label": cond, "w": w}

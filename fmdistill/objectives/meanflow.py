@@ -52,7 +52,7 @@ def distill_defaults():
   cfg = defaults()
   cfg.velocity = "teacher"
   cfg.label_dropout = 0.0
-  return cfg
+  return _common.guidance_fields(cfg)  # guidance_input: the scale as a student input
 
 
 def _outputs(net, params, ema_params, x_t, t, s, v, cond, *, r, fused, time_fd):

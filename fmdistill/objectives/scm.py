@@ -45,8 +45,9 @@ def ct_defaults():
   cfg.adaptive_weight = True    # learned w_phi(t)
   cfg.weight_freqs = 16
   cfg.time_fd = 0.0             # > 0: rCM's semi-continuous time derivative (1e-4)
+  cfg.warmup_form = "scm"       # 'scm': -cos^2 t (...); 'rcm': -cos t sqrt(1 - r^2 sin^2 t) (...)
   cfg.t_min = 1e-3              # keep t inside (0, pi/2) (teacher conversion is singular at ends)
-  return cfg
+  return _common.guidance_fields(cfg)
 
 
 def cd_defaults():
@@ -64,14 +65,22 @@ def init_weighting(key, ctx):
 WEIGHTING = objectives.Part(init=init_weighting, enabled=lambda cfg: cfg.adaptive_weight)
 
 
-def _outputs(net, params, ema_params, x_t, t, v, cond, *, sigma_d, r, fused, time_fd):
-  """``(F_theta, F^-, g)`` with the raw (un-normalised) sCM tangent ``g = cos(t) df^-/dt``."""
+def _outputs(net, params, ema_params, x_t, t, v, cond, *, sigma_d, r, fused, time_fd,
+             warmup_form="scm"):
+  """``(F_theta, F^-, g)`` with the raw (un-normalised) sCM tangent ``g = cos(t) df^-/dt`` (at
+  ``r = 1``; ``warmup_form`` chooses how the first term is weighted while ``r < 1``)."""
   zero = jnp.zeros_like(t)
   fn = lambda p, x, t_: net(p, x / sigma_d, t_, zero, cond)
   cs = jnp.cos(t) * jnp.sin(t)
   F, F_m, dF = _tangent.eulerian(fn, params, ema_params, x_t, t, v * _b(cs, x_t), t_dot=cs,
                                  fused=fused, time_fd=time_fd)  # dF = cos sin dF^-/dt
-  c2, f32 = jnp.cos(t) ** 2, jnp.float32
+  f32 = jnp.float32
+  if warmup_form == "scm":
+    c2 = jnp.cos(t) ** 2
+  elif warmup_form == "rcm":
+    c2 = jnp.cos(t) * jnp.sqrt(jnp.maximum(1.0 - (r * jnp.sin(t)) ** 2, 0.0))
+  else:
+    raise ValueError(f"warmup_form must be 'scm' or 'rcm', got {warmup_form!r}")
   g = (-_b(c2, x_t) * (sigma_d * F_m.astype(f32) - v.astype(f32))
        - r * _b(cs, x_t) * x_t.astype(f32) - r * sigma_d * dF.astype(f32))
   return F, F_m, g
@@ -105,7 +114,8 @@ def scm_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, 
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
   r = _tangent.warmup(step, cfg.tangent_warmup)
   F, F_m, g = _outputs(net, params, ema_params, x_t, t, v, cond, sigma_d=cfg.sigma_d, r=r,
-                       fused=not cfg.target_ema, time_fd=cfg.time_fd)
+                       fused=not cfg.target_ema, time_fd=cfg.time_fd,
+                       warmup_form=cfg.get("warmup_form", "scm"))
   g_n = _tangent.normalize(g, cfg.tangent_c, cfg.tangent_norm)
   err = _common.mean_sq(F.astype(jnp.float32) - F_m.astype(jnp.float32) - g_n)
   per = err
