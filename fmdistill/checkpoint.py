@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any
 
@@ -53,6 +54,21 @@ class Corrupt(Exception):
 
 class _Capture:
   path: str | None = None
+  failed: bool = False  # set by the caller when the operation failed: wait for the stragglers
+
+
+def _settle(path: str, quiet_for: float = 0.3, limit: float = 5.0) -> None:
+  """Wait until nothing has been written to ``path`` for ``quiet_for`` seconds (at most
+  ``limit``): TensorStore callbacks of a failed operation keep reporting from their threads
+  after the Python call returned."""
+  t0, size, still = time.time(), -1, time.time()
+  while time.time() - t0 < limit:
+    now = os.path.getsize(path)
+    if now != size:
+      size, still = now, time.time()
+    elif time.time() - still >= quiet_for:
+      return
+    time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -64,11 +80,10 @@ def quiet(log_dir: str | None):
   ``log_dir``, kept in a temporary file); ``capture.path`` then names it."""
   cap = _Capture()
   tmp = tempfile.NamedTemporaryFile("w+b", prefix="fmdistill-", suffix=".log", delete=False)
-  text = open(tmp.fileno(), "w", closefd=False, buffering=1)
+  text = _Sink(tmp.fileno())
   root = logging.getLogger()
   handlers, level = root.handlers[:], root.level
-  handler = logging.StreamHandler(text)
-  root.handlers = [handler]
+  root.handlers = [logging.StreamHandler(text)]
   hook = sys.unraisablehook
 
   def unraisable(u):
@@ -80,16 +95,37 @@ def quiet(log_dir: str | None):
   os.dup2(tmp.fileno(), 2)
   try:
     yield cap
+  except BaseException:
+    cap.failed = True
+    raise
   finally:
     gc.collect()  # abandoned coroutines report here, not later on the terminal
-    sys.stderr.flush()
+    if cap.failed:
+      _settle(tmp.name)
+    with contextlib.suppress(OSError):
+      sys.stderr.flush()
     os.dup2(saved, 2)
     os.close(saved)
     sys.unraisablehook = hook
     root.handlers, root.level = handlers, level
-    text.close()
     tmp.close()
     cap.path = _keep(tmp.name, log_dir)
+
+
+class _Sink:
+  """A text stream onto a file descriptor that drops what cannot be written (a full disk must
+  not turn the one-line message into a traceback)."""
+
+  def __init__(self, fd: int):
+    self.fd = fd
+
+  def write(self, s: str) -> int:
+    with contextlib.suppress(OSError):
+      os.write(self.fd, s.encode(errors="replace"))
+    return len(s)
+
+  def flush(self) -> None:
+    pass
 
 
 def _keep(tmp: str, log_dir: str | None) -> str | None:
@@ -98,8 +134,11 @@ def _keep(tmp: str, log_dir: str | None) -> str | None:
     return None
   if log_dir and os.path.isdir(log_dir) and os.access(log_dir, os.W_OK):
     dest = os.path.join(log_dir, LOG)
-    with open(dest, "ab") as out, open(tmp, "rb") as src:
-      shutil.copyfileobj(src, out)
+    try:
+      with open(dest, "ab") as out, open(tmp, "rb") as src:
+        shutil.copyfileobj(src, out)
+    except OSError:  # a full disk: the details stay in the temporary file
+      return tmp
     os.unlink(tmp)
     return dest
   return tmp
@@ -192,7 +231,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False
                         force=force)
       err = None
     except Exception as e:  # noqa: BLE001  reported below, in one line
-      err = e
+      err, cap.failed = e, True
   if err is None:
     return saved
   for tmp in glob.glob(os.path.join(str(mngr.directory), f"{step}.orbax-checkpoint-tmp*")):
@@ -203,7 +242,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False
   raise CheckpointError(
       f"could not write checkpoint step {step} to {mngr.directory} ({first_line(err)})"
       + (f"; details in {cap.path}" if cap.path else "")
-      + f"; the newest checkpoint on disk is step {latest}") from None
+      + (f"; the newest checkpoint on disk is step {latest}" if latest is not None else
+         "; there is no checkpoint on disk yet")) from None
 
 
 def _abstract(target: Any) -> Any:
@@ -292,7 +332,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any, workdir: str
         bad, err = mismatches(mngr, step, target), None
         state = None if bad else restore(mngr, step, target)
       except Corrupt as e:
-        err = e
+        err, cap.failed = e, True
     if err is not None:
       _set_aside(mngr, step, workdir, err, cap.path)
       continue

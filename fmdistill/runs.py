@@ -71,7 +71,7 @@ def load_state(workdir: str, step: int | None = None) -> dict:
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
         return checkpoint.restore(mngr, s, target)
       except checkpoint.Corrupt as e:
-        err = e
+        err, cap.failed = e, True
     details = f" (details in {cap.path})" if cap.path else ""
     if step is not None:
       raise CheckpointError(f"checkpoint step {s} of run {workdir!r} is corrupt ({err})"
