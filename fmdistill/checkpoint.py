@@ -212,9 +212,10 @@ def manager(workdir: str, keep: int = 3, every: int = 1, read_only: bool = False
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                            enable_async_checkpointing=False,
                                            cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                              "checksums": ocp.JsonCheckpointHandler()})
+  with quiet(None if read_only else workdir):  # it reads every step's metadata, maybe corrupt
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "checksums": ocp.JsonCheckpointHandler()})
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False,
@@ -326,7 +327,9 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any, workdir: str
   older one is tried. A checkpoint whose parameter shapes do not match the config stops with
   ``CheckpointMismatchError`` naming the paths, and nothing is moved or overwritten.
   """
-  for step in sorted(mngr.all_steps(), reverse=True):
+  with quiet(workdir):
+    steps = sorted(mngr.all_steps(), reverse=True)
+  for step in steps:
     with quiet(workdir) as cap:
       try:
         bad, err = mismatches(mngr, step, target), None

@@ -34,7 +34,9 @@ def latest_step(workdir: str) -> int | None:
   """The newest checkpoint step of a run, or ``None``."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     return None
-  return checkpoint.manager(workdir, read_only=True).latest_step()
+  mngr = checkpoint.manager(workdir, read_only=True)
+  with checkpoint.quiet(None):
+    return mngr.latest_step()
 
 
 def is_finished(workdir: str, steps: int | None = None) -> bool:
@@ -56,7 +58,8 @@ def load_state(workdir: str, step: int | None = None) -> dict:
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"no run at {workdir!r}: it is not a directory")
   mngr = checkpoint.manager(workdir, read_only=True)
-  have = sorted(mngr.all_steps(), reverse=True)
+  with checkpoint.quiet(None):
+    have = sorted(mngr.all_steps(), reverse=True)
   if not have:
     raise FileNotFoundError(f"run {workdir!r} has no checkpoint under {workdir}/checkpoints")
   if step is not None and step not in have:

@@ -60,7 +60,8 @@ def load(config: ml_collections.ConfigDict, student_workdir: str | None = None
          ) -> Teacher | None:
   """The teacher named by ``config.teacher.workdir`` (``None`` if empty), checked: a velocity
   model, finished (or ``teacher.allow_unfinished``), and, for a student resuming in
-  ``student_workdir``, the same weights it started from (read at the step it recorded)."""
+  ``student_workdir``, the same weights it started from (read at the step it recorded, which
+  passed these checks when the student started)."""
   tc = config.teacher
   if not tc.workdir:
     return None
@@ -71,10 +72,10 @@ def load(config: ml_collections.ConfigDict, student_workdir: str | None = None
         f"not a velocity model; a teacher must be a run of {velocity_methods()}")
   pin = _pinned(config, student_workdir)
   run = runs.load_run(tc.workdir, tc.which, step=None if pin is None else _pin_step(pin, tc))
-  if not run.finished and not tc.get("allow_unfinished", False):
+  if pin is None and not run.finished and not tc.get("allow_unfinished", False):
     raise TeacherError(
-        f"teacher run {tc.workdir!r} is unfinished ({run.describe()}); let it finish, or set "
-        "config.teacher.allow_unfinished=True to distil it as it is")
+        f"teacher run {tc.workdir!r} is unfinished (checkpoint step {run.step} of {run.steps}); "
+        "let it finish, or set config.teacher.allow_unfinished=True to distil it as it is")
   ident = dict(workdir=os.path.abspath(tc.workdir), step=run.step, which=tc.which,
                method=tconfig.method, params_sha256=runs.digest(run.params))
   if pin is not None:

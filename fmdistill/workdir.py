@@ -207,21 +207,35 @@ class Lock:
     return self
 
   def _acquire_file(self) -> None:
-    for _ in range(3):
-      try:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self._write()
-        return
-      except FileExistsError:
-        holder = self._holder()
-        if holder.get("host") == platform.node() and not _alive(holder.get("pid")):
-          print(f"note: removing a stale lock of pid {holder.get('pid')} (no longer running) "
-                f"in {self.workdir}", file=sys.stderr)
-          with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-          continue
-        self._refuse(holder)
-    self._refuse(self._holder())
+    """The lock file is the lock: created complete (a hard link of a written temporary file,
+    which fails if it exists); a holder that is not running on this host is stale."""
+    with contextlib.suppress(OSError):
+      if os.path.getsize(self.path) == 0:  # left by the flock probe: never a holder's file
+        os.unlink(self.path)
+    tmp = f"{self.path}.{platform.node()}.{os.getpid()}"
+    self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    self._write()
+    try:
+      for _ in range(3):
+        try:
+          os.link(tmp, self.path)
+          return
+        except FileExistsError:
+          holder = self._holder()
+          if holder.get("host") == platform.node() and not _alive(holder.get("pid")):
+            print(f"note: removing a stale lock of pid {holder.get('pid')} (no longer "
+                  f"running) in {self.workdir}", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+              os.unlink(self.path)
+            continue
+          os.close(self.fd)
+          self.fd = None
+          self._refuse(holder)
+      os.close(self.fd)
+      self.fd = None
+      self._refuse(self._holder())
+    finally:
+      os.unlink(tmp)
 
   def _write(self) -> None:
     info = dict(pid=os.getpid(), host=platform.node(),
