@@ -168,7 +168,8 @@ def cli(root, tmp_path_factory):
           "for d, _, fs in os.walk(W) for f in fs}; json.dump(snap, open(W + '.snap', 'w'))")
   good, full = str(t / "good"), str(t / "full")
   # the arguments after `python -m fmdistill.main` (3 steps unless a case says otherwise)
-  flat = lambda wd, *a: _cmd(wd, "--config.train.steps=3", *a)[3:]
+  flat = lambda wd, *a, method="flow_matching": _cmd(wd, "--config.train.steps=3", *a,
+                                                      method=method)[3:]
   report = lambda *a: [x for x in flat(*a) if x != "--noeval"]
   tfds = ["--config.data.name=tfds", "--config.model.name=dit", "--config.data.tfds_name=mydata",
           f"--config.data.data_dir={t / 'tfds'}"]
@@ -203,7 +204,13 @@ def cli(root, tmp_path_factory):
                   "c['train']['steps'] = 8; json.dump(c, open(p, 'w'))"),
       dict(name="sample", args=flat(good, "--mode=sample", "--nfe=2",
                                     "--config.eval.num_samples=50")),
-  ]
+      dict(name="missing teacher", args=flat(t / "student", f"--config.teacher.workdir="
+                                             f"{t / 'nope'}", method="direct_distill")),
+      dict(name="experiment", args=flat(t / "exp")),
+      dict(name="another experiment", args=flat(t / "exp", "--config.data.toy=moons")),
+      dict(name="overwrite", args=flat(t / "exp", "--config.data.toy=moons", "--overwrite")),
+  ] + [dict(name=f"bad input {i}", args=flat(t / f"bad{i}", *a))
+       for i, (a, _) in enumerate(BAD_INPUTS)]
   (t / "cases.json").write_text(json.dumps(cases))
   r = subprocess.run([sys.executable, os.path.join(root, "tests", "cli_batch.py"),
                       str(t / "cases.json"), str(t / "results.json")], cwd=root,
@@ -211,6 +218,55 @@ def cli(root, tmp_path_factory):
                      preexec_fn=_drop_root_file_powers)
   assert r.returncode == 0, r.stderr[-3000:]
   return {c["name"]: c for c in json.loads((t / "results.json").read_text())}, t
+
+
+BAD_INPUTS = [
+    (["--config.train.stepz=5"], "unknown config field 'stepz'"),
+    (["--config.train.steps=ten"], "invalid literal"),
+    (["--config.method=meanflw"], "config.method='meanflw' is invalid"),
+    (["--config.data.name=digits"], "config.model.name='mlp' is invalid"),
+    (["--config.model.dtype=float16"], "config.model.dtype"),
+    (["--config.data.toy=swissroll"], "config.data.toy"),
+    (["--config.train.batch_size=0"], "config.train.batch_size"),
+    (["--config.data.name=tfds", "--config.model.name=dit",
+      "--config.data.tfds_name=mnist"], "data.data_dir is empty"),
+    (["--config.data.name=tfds", "--config.model.name=dit", "--config.data.tfds_name=mnist",
+      "--config.data.data_dir=/nonexistent"], "not found under"),
+]
+
+
+@pytest.mark.parametrize("args,match", BAD_INPUTS, ids=[a[0][0] for a in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(cli, args, match):
+  results, t = cli
+  i = [a for a, _ in BAD_INPUTS].index(args)
+  r = results[f"bad input {i}"]
+  assert r["rc"] == 2
+  lines = _lines(r["stderr"])
+  assert len(lines) == 1 and match in lines[0], r["stderr"][-2000:]
+  assert not (t / f"bad{i}").exists()
+
+
+def test_missing_teacher_is_one_line_and_writes_nothing(cli):
+  results, t = cli
+  r = results["missing teacher"]
+  assert r["rc"] == 2
+  lines = _lines(r["stderr"])
+  assert len(lines) == 1 and "no finished run at" in lines[0], r["stderr"]
+  assert not (t / "student").exists()
+
+
+def test_workdir_holding_another_experiment_is_refused(cli):
+  results, t = cli
+  assert results["experiment"]["rc"] == 0, results["experiment"]["stderr"][-2000:]
+  other = results["another experiment"]
+  assert other["rc"] == 2 and "holds a different experiment" in other["stderr"]
+  assert "data.toy: 'checkerboard' != 'moons'" in other["stderr"]
+  assert results["overwrite"]["rc"] == 0, results["overwrite"]["stderr"][-2000:]
+  moved = [p for p in t.iterdir() if p.name.startswith("exp.replaced-")]
+  assert len(moved) == 1 and (moved[0] / "checkpoints").is_dir()   # the old run is kept
+  assert runs.read_config(str(t / "exp")).data.toy == "moons"
+  prov = json.loads((t / "exp" / "provenance.json").read_text())
+  assert "git_commit" in prov[0] and "argv" in prov[0] and len(prov) == 1
 
 
 ONE_LINE_FAULTS = [
