@@ -8,6 +8,7 @@ the command line does (flags reset in between); its exit code (1 if an exception
 with the traceback on its stderr as Python would print it), stdout and stderr (file
 descriptors 1 and 2, so library output is caught too) are written to ``RESULTS.json``.
 """
+import gc
 import json
 import os
 import resource
@@ -44,6 +45,7 @@ def run_case(case: dict) -> dict:
     traceback.print_exc()
     rc = 1
   finally:
+    gc.collect()  # what the interpreter's exit would report (abandoned coroutines) lands here
     resource.setrlimit(resource.RLIMIT_FSIZE, limit)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -190,10 +190,7 @@ def cli(root, tmp_path_factory):
            before=f"W = {good!r}; {snap}; os.chmod(W + '/checkpoints', 0)",
            after=f"W = {good!r}; os.chmod(W + '/checkpoints', 0o755); "
                  + snap.replace(".snap", ".snap2")),
-      dict(name="corrupt checkpoint data (noise)", args=flat(good, "--config.train.steps=5"),
-           before=f"for d, _, fs in os.walk({good!r} + '/checkpoints/5/state'):\n"
-                  "  if os.path.basename(d) == 'd':\n"
-                  "    for f in fs: open(os.path.join(d, f), 'w').close()"),
+      dict(name="train noisy", args=flat(t / "noisy", "--config.train.steps=5")),
       dict(name="train full", args=flat(full, "--config.train.steps=5")),
       dict(name="full disk", args=flat(full, "--config.train.steps=10", "--allow_config_change"),
            fsize=20000),
@@ -308,14 +305,21 @@ def test_unreadable_checkpoint_directory_touches_nothing(cli):
   assert before == after and any("/checkpoints/5/" in k for k in before)
 
 
-def test_corrupt_checkpoint_is_one_warning_line_not_pages_of_tracebacks(cli):
+def test_corrupt_checkpoint_is_one_warning_line_not_pages_of_tracebacks(cli, root):
+  """Emptied array data files: orbax's coroutines fail and, at interpreter exit, Python used
+  to print ~140 lines of their tracebacks (a real process, so that its exit is real)."""
   results, t = cli
-  r = results["corrupt checkpoint data (noise)"]
-  assert r["rc"] == 0, r["stderr"][-3000:]
-  lines = _lines(r["stderr"])
-  assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 5 is unreadable")
-  assert "Traceback" not in r["stderr"]
-  assert (t / "good" / "corrupt_checkpoints" / "5").is_dir()
+  assert results["train noisy"]["rc"] == 0
+  wd = t / "noisy"
+  for f in (wd / "checkpoints" / "5" / "state" / "ocdbt.process_0" / "d").iterdir():
+    f.write_bytes(b"")
+  r = subprocess.run(_cmd(wd, "--config.train.steps=5"), cwd=root, env=_env(root),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = _lines(r.stderr)
+  assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 5 is unreadable"), \
+      r.stderr[-3000:]
+  assert (wd / "corrupt_checkpoints" / "5").is_dir()
 
 
 def test_full_disk_keeps_the_older_checkpoints_and_logs_the_details(cli):
