@@ -97,10 +97,13 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
   dirs = resolve_teachers(steps, workdir) if chain else {"run": workdir}
   if mode != "train":
     for name, cfg in steps:  # before anything is read or written
-      config_lib.validate(cfg)
       if not os.path.isfile(os.path.join(dirs[name], "config.json")):
         raise FileNotFoundError(f"no run to {mode} at {dirs[name]!r} (no config.json there); "
                                 "train it first")
+      run_config = runs_lib.read_config(dirs[name])  # what is evaluated: the run as trained,
+      with run_config.unlocked():                    # with this command's eval section
+        run_config.eval, run_config.mesh = cfg.eval, cfg.mesh
+      config_lib.validate(run_config)
   runs = {}
   for name, cfg in steps:
     wd = dirs[name]
