@@ -13,7 +13,7 @@ import math
 import jax
 import ml_collections
 
-from fmdistill import flowmap, models, objectives, parallel, paths, sampling
+from fmdistill import flowmap, models, objectives, parallel, paths, sampling, state as state_lib
 from fmdistill.data import toy
 from fmdistill.errors import ConfigError
 
@@ -30,7 +30,7 @@ _TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, schedule="c
               eval_every=0, max_consecutive_skips=50)
 _TEACHER = dict(workdir="", stage="", which="ema_0.999", guidance=1.0, init_student=True,
                 pair_cache="", pair_num=16384, pair_chunk=4096, pair_solver="heun", pair_nfe=64,
-                guidance_interval=())
+                guidance_interval=(), allow_unfinished=False)
 # the optimiser and schedule of a trainable part (``config.parts.<name>``; objectives.Part)
 _PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9, b2=0.999,
              weight_decay=0.0, grad_clip=1.0, every=1, updates=1, start=0, ema_decay=0.0)
@@ -107,9 +107,21 @@ def _check(ok: bool, field: str, value, accepted) -> None:
     raise ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
 
 
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(v, low: int = 1) -> bool:
+  """A non-empty tuple/list of integers ``>= low``."""
+  return isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(n) and n >= low for n in v)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ``ConfigError`` with one line naming the first bad field."""
+  _check_finite(c, "")
   _check(c.method in objectives.names(), "method", c.method, objectives.names())
+  _check(_int(c.seed) and 0 <= c.seed < 2 ** 31 - 1, "seed", c.seed,
+         "an integer in [0, 2**31 - 1)")
   try:
     objectives.entry(c.method).defaults().update(c.objective)
   except (KeyError, AttributeError, TypeError) as e:
@@ -144,7 +156,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
            c.model.native_param, list(flowmap.PARAMETERIZATIONS))
     _check(c.model.native_path in paths.PATHS, "model.native_path", c.model.native_path,
            sorted(paths.PATHS))
-  _check_finite(c, "")
   entry = objectives.entry(c.method)
   _check(set(c.parts) == set(entry.parts), "parts", sorted(c.parts),
          f"the parts of {c.method!r}: {sorted(entry.parts)}")
@@ -172,6 +183,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps", t.warmup_steps, ">= 0")
   _check(all(0 < d < 1 for d in c.train.ema_decays), "train.ema_decays", c.train.ema_decays,
          "decays in (0, 1)")
+  _check(all(isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0
+             for g in c.train.ema_power), "train.ema_power", c.train.ema_power,
+         "power-EMA exponents gamma > 0 (EDM2)")
   mesh = parallel.mesh_shape(c.mesh, jax.device_count())
   shards = mesh[0] * mesh[1]
   _check(c.train.batch_size % shards == 0, "train.batch_size", c.train.batch_size,
@@ -190,13 +204,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.model.name == "dit", "model.name", c.model.name, "'dit' for image data")
   if c.data.name == "shapes":
     _check(c.data.num_examples >= 2, "data.num_examples", c.data.num_examples, ">= 2")
-  _check(c.eval.num_samples >= 2, "eval.num_samples", c.eval.num_samples, ">= 2")
-  _check(all(n >= 1 for n in tuple(c.eval.teacher_nfe) + tuple(c.eval.student_nfe)),
-         "eval.teacher_nfe/student_nfe", (c.eval.teacher_nfe, c.eval.student_nfe),
-         "positive integers")
+  _validate_eval(c)
   _check(0 <= c.eval.gamma <= 1, "eval.gamma", c.eval.gamma, "[0, 1]")
   _check(c.eval.solver in sampling.SOLVERS, "eval.solver", c.eval.solver,
          list(sampling.SOLVERS))
+  for name in ("pair_num", "pair_chunk", "pair_nfe"):
+    _check(_int(c.teacher[name]) and c.teacher[name] > 0, f"teacher.{name}", c.teacher[name],
+           "a positive integer")
+  _check(c.teacher.which == "params" or c.teacher.which.startswith(("ema_", "power_")),
+         "teacher.which", c.teacher.which, "'params' or an EMA name such as 'ema_0.999'")
   _check(c.teacher.pair_solver in sampling.SOLVERS, "teacher.pair_solver",
          c.teacher.pair_solver, list(sampling.SOLVERS))
   _check(c.teacher.guidance >= 0, "teacher.guidance", c.teacher.guidance, ">= 0")
@@ -209,6 +225,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "True when objective.guidance_input=True (the student takes the scale as an input)")
 
 
+def _validate_eval(c: ml_collections.ConfigDict) -> None:
+  e = c.eval
+  _check(_int(e.num_samples) and e.num_samples >= 2, "eval.num_samples", e.num_samples,
+         "an integer >= 2")
+  for name in ("teacher_nfe", "student_nfe"):
+    _check(_ints(e[name]), f"eval.{name}", e[name], "a non-empty tuple of positive integers")
+  _check(_int(e.classifier_steps) and e.classifier_steps >= 1, "eval.classifier_steps",
+         e.classifier_steps, "a positive integer")
+  kept = ["params"] + state_lib.ema_names(c.train)
+  _check(e.which in kept, "eval.which", e.which, f"the weights this run keeps: {kept} (EMAs "
+         "come from train.ema_decays and train.ema_power)")
+
+
 def _check_finite(c, prefix: str) -> None:
   """Every float anywhere in the config is finite (``train.lr=inf`` is refused)."""
   for k, v in c.items():
@@ -218,6 +247,13 @@ def _check_finite(c, prefix: str) -> None:
     elif isinstance(v, float):
       _check(math.isfinite(v), name, v, "a finite number")
     elif isinstance(v, (tuple, list)):
-      for x in v:
-        if isinstance(x, float):
-          _check(math.isfinite(x), name, v, "finite numbers")
+      for x in _leaves(v):
+        _check(not isinstance(x, float) or math.isfinite(x), name, v, "finite numbers")
+
+
+def _leaves(v):
+  for x in v:
+    if isinstance(x, (tuple, list)):
+      yield from _leaves(x)
+    else:
+      yield x

@@ -1,4 +1,5 @@
 """Errors that reach the user as one line (``python -m fmdistill.main`` prints them and exits 2)."""
+from __future__ import annotations
 
 
 class ConfigError(ValueError):
@@ -10,14 +11,34 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint in the workdir does not fit the config (different parameter shapes)."""
 
 
+class CheckpointError(ValueError):
+  """A checkpoint cannot be read or written (permissions, a full disk, a failed checksum of a
+  checkpoint that has no older fallback)."""
+
+
 class WorkdirError(ValueError):
-  """The workdir holds a different experiment."""
+  """The workdir holds a different experiment, cannot be used (a file, not writable), or is in
+  use by another process."""
+
+
+class ConfigDriftError(WorkdirError):
+  """A resumed run's config differs from the one it was started with."""
+
+
+class TeacherError(ConfigError):
+  """The teacher run cannot serve as a teacher (unfinished, not a velocity model, or not the
+  teacher this student started from)."""
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; the loop saved a checkpoint at ``step`` and stopped."""
+  """SIGTERM arrived; the loop saved a checkpoint at ``step`` (``None``: before training
+  started, nothing new to save) and stopped."""
 
-  def __init__(self, step: int):
-    super().__init__(f"preempted: saved a checkpoint at step {step}; rerun the same command "
-                     "to resume")
+  def __init__(self, step: int | None, where: str = ""):
+    if step is None:
+      msg = (f"preempted {where or 'before training started'}: nothing new to save; rerun the "
+             "same command to continue")
+    else:
+      msg = (f"preempted: saved a checkpoint at step {step}; rerun the same command to resume")
+    super().__init__(msg)
     self.step = step

@@ -11,21 +11,35 @@ the quickstart's teacher -> student, ReFlow rounds, progressive halving) runs ea
 ``<workdir>/<stage>``; a stage whose method needs a teacher and names no ``teacher.workdir``
 distils the stage named by its ``teacher.stage``, or else the previous stage. A stage whose run
 is already finished is skipped on rerun.
+
+``--mode=eval`` and ``--mode=sample`` use the ``eval`` section of the config given on the
+command line (overrides included), read the runs at their newest good checkpoint, and name
+that step (and whether the run is finished) in what they write. Errors are one line and exit
+code 2; SIGTERM at any point ends the process with one line (exit 0), after saving a
+checkpoint if it arrives during training.
 """
 from __future__ import annotations
 
-import os
-import re
-import sys
+# SIGTERM first: a preemption that arrives while jax loads is then a flag, not rc 143
+from fmdistill import preempt  # noqa: I001  (must come before the heavy imports)
 
-import jax
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":
+  preempt.install()
 
-from fmdistill import objectives, parallel, runs as runs_lib, train, workdir as workdir_lib
-from fmdistill.errors import ConfigError, Preempted
-from fmdistill.eval import evaluate as evaluate_lib, plots, report
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fmdistill import config as config_lib, objectives, parallel, runs as runs_lib  # noqa: E402
+from fmdistill import train, workdir as workdir_lib  # noqa: E402
+from fmdistill.errors import ConfigError, Preempted  # noqa: E402
+from fmdistill.eval import evaluate as evaluate_lib, plots, report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and reports")
@@ -38,6 +52,9 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 _EVAL = flags.DEFINE_bool("eval", True, "after training, evaluate and write report.md")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "move a workdir that holds a different "
                                "experiment aside (to <workdir>.replaced-<time>) and start fresh")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume a run with settings "
+                                  "that differ from the ones it was started with (the changes "
+                                  "are recorded in provenance.json)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -75,26 +92,40 @@ def resolve_teachers(steps: list[tuple[str, object]], workdir: str) -> dict[str,
 
 
 def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool = True,
-        overwrite: bool = False, evaluate: bool = True, guidance: float = 1.0) -> dict:
+        overwrite: bool = False, evaluate: bool = True, guidance: float = 1.0,
+        allow_config_change: bool = False) -> dict:
   """Programmatic form of the command line; returns the evaluation result (or {})."""
   steps = stages(config)
   chain = "stages" in config
   dirs = resolve_teachers(steps, workdir) if chain else {"run": workdir}
+  if mode != "train":
+    for name, cfg in steps:  # before anything is read or written
+      if not os.path.isfile(os.path.join(dirs[name], "config.json")):
+        raise FileNotFoundError(f"no run to {mode} at {dirs[name]!r} (no config.json there); "
+                                "train it first")
+      run_config = runs_lib.read_config(dirs[name])  # what is evaluated: the run as trained,
+      with run_config.unlocked():                    # with this command's eval section
+        run_config.eval, run_config.mesh = cfg.eval, cfg.mesh
+      config_lib.validate(run_config)
   runs = {}
   for name, cfg in steps:
     wd = dirs[name]
     if mode == "train":
+      preempt.check(f"before stage {name!r}" if chain else "")
       if (chain and not overwrite and runs_lib.is_finished(wd, cfg.train.steps)
           and workdir_lib.same_experiment(wd, cfg)):
         print(f"stage {name!r}: already finished in {wd}, skipping", file=sys.stderr)
       else:
-        train.train_and_evaluate(cfg, wd, progress=progress, overwrite=overwrite)
+        train.train_and_evaluate(cfg, wd, progress=progress, overwrite=overwrite,
+                                 allow_config_change=allow_config_change)
     runs[name] = wd
+  evals = {name: cfg.eval for name, cfg in steps}
   if mode == "sample":
-    return _sample(runs, workdir, nfe, guidance)
+    return _sample(runs, workdir, nfe, evals, guidance)
   if not evaluate:
     return {}
-  result = report.evaluate_runs(runs, workdir, guidance=guidance)
+  preempt.check("after training, before the evaluation")
+  result = report.evaluate_runs(runs, workdir, evals=evals, guidance=guidance)
   title = f"fmdistill report: {workdir}"
   text = report.markdown(result, title, extra=config.get("description", ""))
   with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -102,33 +133,59 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
   return result
 
 
-def _sample(runs: dict, workdir: str, nfe: int, guidance: float = 1.0) -> dict:
+def _sample(runs: dict, workdir: str, nfe: int, evals: dict, guidance: float = 1.0) -> dict:
+  """Samples of the last run at ``nfe`` (and classifier-free guidance scale ``guidance``):
+  ``samples_<run>_nfe<n>_step<step>.{npy,png,json}`` (the JSON names the run, its checkpoint
+  step, whether it is finished, the weights and the guidance scale)."""
   name, wd = list(runs.items())[-1]
-  config, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
-  x = evaluate_lib.generate(config, net, params, jax.random.PRNGKey(config.seed),
-                            config.eval.num_samples, nfe, guidance=guidance)
-  np.save(os.path.join(workdir, f"samples_{name}_nfe{nfe}.npy"), x)
-  plots.samples_figure({f"{name} {nfe} NFE": x}, os.path.join(workdir,
-                                                              f"samples_{name}_nfe{nfe}.png"))
-  return {"samples": x.shape}
+  ecfg = evals[name]
+  r = runs_lib.load_run(wd, ecfg.which)
+  config = r.config
+  with config.unlocked():
+    config.eval = ecfg
+  if not r.finished:
+    print(f"warning: run {name!r} in {wd} is unfinished; sampling its checkpoint at "
+          f"{r.describe()}", file=sys.stderr)
+  x = evaluate_lib.generate(config, r.net, r.params, jax.random.PRNGKey(config.seed),
+                            ecfg.num_samples, nfe, guidance=guidance)
+  base = os.path.join(workdir, f"samples_{name}_nfe{nfe}_step{r.step}")
+  np.save(base + ".npy", x)
+  plots.samples_figure({f"{name} {nfe} NFE, {r.describe()}": x}, base + ".png")
+  info = dict(run=name, workdir=wd, method=config.method, step=r.step, steps=r.steps,
+              finished=r.finished, which=r.which, nfe=nfe, guidance=float(guidance),
+              num_samples=int(len(x)))
+  with open(base + ".json", "w") as f:
+    json.dump(info, f, indent=1)
+  print(f"wrote {len(x)} samples of {name!r} ({r.describe()}, {r.which}, {nfe} NFE) to "
+        f"{base}.npy (+ .png, .json)")
+  return {"samples": x.shape, "path": base + ".npy", **info}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
-  parallel.initialize()  # multi-process jobs: before anything touches the devices
   try:
+    preempt.check()
+    parallel.initialize()  # multi-process jobs: before anything touches the devices
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value,
-        _OVERWRITE.value, _EVAL.value, guidance=_GUIDANCE.value)
+        _OVERWRITE.value, _EVAL.value, guidance=_GUIDANCE.value,
+        allow_config_change=_ALLOW_CHANGE.value)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError, FloatingPointError) as e:  # OSError: FileNotFoundError, ...
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
   if _EVAL.value and _MODE.value != "sample":
     print(f"done: see {os.path.join(_WORKDIR.value, 'report.md')}")
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+    text = f"{text}: {e.filename}"
+  return text if len(text) <= 600 else text[:600] + "..."
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,7 +1,17 @@
 """Frozen teachers: loading a finished run, binding it for a student, and the cache of teacher
-ODE trajectories used by direct distillation and ReFlow."""
+ODE trajectories used by direct distillation and ReFlow.
+
+A teacher must be a velocity model (a run of a method that samples by an ODE solver) and a
+finished run (its newest good checkpoint reached its ``train.steps``; an unfinished one only
+with ``teacher.allow_unfinished=True``). A student records the teacher's identity at its first
+start (``teacher.json``: the run, the checkpoint step, which weights, the sha256 of their
+contents); a restarted student reads the teacher at that same step and refuses to resume if the
+weights differ. The teacher-pair cache is keyed by that identity too.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Callable
 
@@ -11,9 +21,10 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from fmdistill import data, flowmap, models, paths, runs, sampling, state as state_lib
+from fmdistill import data, flowmap, models, objectives, paths, runs, sampling
+from fmdistill import state as state_lib, workdir as workdir_lib
 from fmdistill.data import pairs
-from fmdistill.errors import ConfigError
+from fmdistill.errors import ConfigError, TeacherError
 
 
 class Teacher(struct.PyTreeNode):
@@ -25,13 +36,57 @@ class Teacher(struct.PyTreeNode):
   model: tuple = struct.field(pytree_node=False, default=())  # ((field, value), ...)
   native: tuple = struct.field(pytree_node=False, default=())  # what its weights are trained
   # for: (param name, path name, sigma_d)
+  identity: tuple = struct.field(pytree_node=False, default=())  # sorted (key, value) pairs:
+  # workdir, step, which, method, params_sha256
+
+  @property
+  def ident(self) -> dict:
+    return dict(self.identity)
 
 
-def load(config: ml_collections.ConfigDict) -> Teacher | None:
-  """The teacher named by ``config.teacher.workdir`` (``None`` if empty)."""
-  if not config.teacher.workdir:
+def velocity_methods() -> list[str]:
+  return [n for n in objectives.names() if objectives.entry(n).sampler == "ode"]
+
+
+def _pinned(config: ml_collections.ConfigDict, student_workdir: str | None) -> dict | None:
+  """The identity a student in ``student_workdir`` recorded at its start, if that workdir
+  holds this experiment."""
+  if not student_workdir or not workdir_lib.same_experiment(student_workdir, config):
     return None
-  tconfig, net, params = runs.load_params(config.teacher.workdir, config.teacher.which)
+  return workdir_lib.read_teacher(student_workdir)
+
+
+def load(config: ml_collections.ConfigDict, student_workdir: str | None = None
+         ) -> Teacher | None:
+  """The teacher named by ``config.teacher.workdir`` (``None`` if empty), checked: a velocity
+  model, finished (or ``teacher.allow_unfinished``), and, for a student resuming in
+  ``student_workdir``, the same weights it started from (read at the step it recorded, which
+  passed these checks when the student started)."""
+  tc = config.teacher
+  if not tc.workdir:
+    return None
+  tconfig = runs.read_config(tc.workdir)
+  if objectives.entry(tconfig.method).sampler != "ode":
+    raise TeacherError(
+        f"config.teacher.workdir={tc.workdir!r} is a {tconfig.method!r} run, a flow map and "
+        f"not a velocity model; a teacher must be a run of {velocity_methods()}")
+  pin = _pinned(config, student_workdir)
+  run = runs.load_run(tc.workdir, tc.which, step=None if pin is None else _pin_step(pin, tc))
+  if pin is None and not run.finished and not tc.get("allow_unfinished", False):
+    raise TeacherError(
+        f"teacher run {tc.workdir!r} is unfinished (checkpoint step {run.step} of {run.steps}); "
+        "let it finish, or set config.teacher.allow_unfinished=True to distil it as it is")
+  ident = dict(workdir=os.path.abspath(tc.workdir), step=run.step, which=tc.which,
+               method=tconfig.method, params_sha256=runs.digest(run.params))
+  if pin is not None:
+    diff = [f"{k}: {pin.get(k)!r} -> {ident[k]!r}" for k in ("step", "which", "params_sha256")
+            if pin.get(k) != ident[k]]
+    if diff:
+      raise TeacherError(
+          f"the teacher in {tc.workdir!r} is not the one this student started from "
+          f"({'; '.join(diff)}); restore that teacher run, or start the student in a new "
+          "--workdir")
+  tconfig, net, params = run.config, run.net, run.params
   o = tconfig.objective
   if tuple(tconfig.data_shape) != tuple(config.data_shape):
     raise ConfigError(f"config.teacher.workdir={config.teacher.workdir!r} was trained on data "
@@ -40,7 +95,16 @@ def load(config: ml_collections.ConfigDict) -> Teacher | None:
   return Teacher(net, flowmap.Parameterization(o.param, o.sigma_d),
                  paths.get_path(o.path, o.sigma_d), params,
                  tuple((k, tconfig.model.get(k, _LEGACY.get(k))) for k in models.FUNCTION_FIELDS),
-                 _native(tconfig))
+                 _native(tconfig), tuple(sorted(ident.items())))
+
+
+def _pin_step(pin: dict, tc) -> int:
+  step = int(pin["step"])
+  if not os.path.isdir(os.path.join(tc.workdir, "checkpoints", str(step))):
+    raise TeacherError(
+        f"this student started from step {step} of teacher run {tc.workdir!r}, which no longer "
+        "has that checkpoint; restore it, or start the student in a new --workdir")
+  return step
 
 
 def _native(tconfig) -> tuple:
@@ -85,6 +149,20 @@ def velocity_fn(teacher: Teacher, config) -> Callable:
   return v
 
 
+def pair_cache_meta(config, teacher: Teacher) -> dict:
+  """What a teacher-pair cache is built from: the teacher's identity (run, step, weights'
+  sha256), guidance, solver, NFE, grid, path and seed."""
+  o, tc = config.objective, config.teacher
+  return dict(teacher=teacher.ident, guidance=tc.guidance, solver=tc.pair_solver,
+              nfe=tc.pair_nfe, pair_steps=o.pair_steps, path=o.path, seed=config.seed)
+
+
+def pair_cache_key(meta: dict) -> str:
+  """The cache's directory name under ``teacher.pair_cache`` (or ``<workdir>/pairs``): 16 hex
+  digits of the sha256 of ``meta``, so another teacher or setting never reads this cache."""
+  return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def pair_source(config, teacher: Teacher, workdir: str, progress: bool = True
                 ) -> data.ArraySource:
   """Build (or resume) the teacher-trajectory cache and expose it as a data source.
@@ -122,10 +200,9 @@ def pair_source(config, teacher: Teacher, workdir: str, progress: bool = True
 
   gen = lambda c, n: trajectories(jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), c),
                                   teacher.params)
-  meta = dict(teacher=os.path.abspath(tc.workdir), which=tc.which, guidance=tc.guidance,
-              solver=tc.pair_solver, nfe=tc.pair_nfe, pair_steps=k, path=o.path,
-              seed=config.seed)
-  directory = tc.pair_cache or os.path.join(workdir, "pairs")
+  meta = pair_cache_meta(config, teacher)
+  directory = os.path.join(tc.pair_cache or os.path.join(workdir, "pairs"),
+                           pair_cache_key(meta))
   arrays = pairs.build_cache(directory, gen, tc.pair_num, tc.pair_chunk, meta, progress)
 
   def get(idx):

@@ -6,22 +6,23 @@ workdir, the student initialised from the teacher's weights when it distils one
 (``teacher.init_student``), the parts. The step is ``fmdistill.step``. Checkpoints go through
 orbax (``fmdistill.checkpoint``); logging to a tqdm bar, ``metrics.jsonl`` and a stdout line
 every ``log_every`` steps.
+
+One process owns a workdir while it trains (``workdir.lock``); a resumed run with another
+config is refused unless told (``allow_config_change``); a student pins its teacher's
+identity; SIGTERM is polled after every step (``fmdistill.preempt``).
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import signal
-import threading
-import time
 from typing import Any, Callable
 
 import jax
 import ml_collections
 from tqdm import tqdm
 
-from fmdistill import checkpoint, config as config_lib, data, objectives, parallel
-from fmdistill import state as state_lib, step as step_lib, teacher as teacher_lib
+from fmdistill import checkpoint, config as config_lib, data, metrics_log, objectives, parallel
+from fmdistill import preempt, state as state_lib, step as step_lib, teacher as teacher_lib
 from fmdistill import workdir as workdir_lib
 from fmdistill.errors import ConfigError, Preempted
 from fmdistill.eval import evaluate
@@ -51,22 +52,25 @@ def _native_fields(config: ml_collections.ConfigDict, teacher: teacher_lib.Teach
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
-          progress: bool = True):
+          progress: bool = True, allow_config_change: bool = False,
+          hold: contextlib.ExitStack | None = None):
   """Resolve data, teacher, network and state for ``config``: ``(source, teacher, net, state)``.
 
   Fills in ``config.data_shape`` and ``config.objective.num_classes`` from the data (and
   ``config.model.native_*`` for a student that keeps a teacher's parameterisation). Every
   check that can fail on a bad config runs before anything is written into ``workdir`` (the
-  teacher-pair cache is the only thing written here, last).
+  teacher-pair cache is the only thing written here, last). With ``hold``, the workdir's lock
+  is taken before the workdir is checked and released when ``hold`` closes.
   """
   config_lib.validate(config)
+  workdir_lib.check_path(workdir)
   source = make_source(config)
   shape, num_classes = tuple(source.shape), source.num_classes
   with config.unlocked():
     config.data_shape = list(shape)
     config.objective.num_classes = num_classes
   entry = objectives.entry(config.method)
-  teacher = teacher_lib.load(config)
+  teacher = teacher_lib.load(config, workdir)
   if entry.needs_teacher and teacher is None:
     raise ConfigError(f"method {config.method!r} distils a teacher: set config.teacher.workdir "
                       "to a finished flow-matching run")
@@ -79,7 +83,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
           f"teacher's ({'; '.join(bad)}); use the teacher's model settings, or set "
           "config.teacher.init_student=False to train the student from random weights")
     _native_fields(config, teacher)
-  workdir_lib.check(workdir, config, overwrite)
+  if hold is not None:
+    hold.enter_context(workdir_lib.lock(workdir))
+  workdir_lib.check(workdir, config, overwrite, allow_config_change)
   k_model, k_parts, k_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   net, params = state_lib.build_network(config, shape, num_classes, k_model)
   if init_student:
@@ -96,50 +102,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   return source, teacher, net, state
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop polls (main thread only; elsewhere a no-op)."""
-
-  def __init__(self):
-    self.set, self._old = False, None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.set = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
-def _trim_log(path: str, step: int) -> None:
-  """Drop log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        eval_fn: Callable | None = None, progress: bool = True,
-                       stop_after: int | None = None, overwrite: bool = False
-                       ) -> tuple[Any, TrainState]:
+                       stop_after: int | None = None, overwrite: bool = False,
+                       allow_config_change: bool = False) -> tuple[Any, TrainState]:
   """Train ``config`` in ``workdir``, resuming from its latest good checkpoint if any.
 
   ``eval_fn(net, state) -> dict`` runs every ``train.eval_every`` steps (0 = never; default:
   ``evaluate.periodic_eval_fn``, sliced W2 to held-out data); its figures are logged with an
   ``eval/`` prefix. ``stop_after`` ends this process after that many
   steps (checkpointed), to be resumed later with the same command. SIGTERM saves a checkpoint
-  at the current step and raises ``Preempted``.
+  at the current step and raises ``Preempted``. The workdir is locked for the whole call; a
+  resume whose config differs from the stored one needs ``allow_config_change``.
   """
-  source, teacher, net, state = setup(config, workdir, overwrite=overwrite, progress=progress)
+  with contextlib.ExitStack() as hold, preempt.watch():
+    source, teacher, net, state = setup(config, workdir, overwrite=overwrite, progress=progress,
+                                        allow_config_change=allow_config_change, hold=hold)
+    return _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_after)
+
+
+def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_after):
   t = config.train
   if eval_fn is None and t.eval_every:
     eval_fn = evaluate.periodic_eval_fn(config, make_source(config))
@@ -156,55 +138,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mngr = checkpoint.manager(workdir, keep=t.keep, every=t.ckpt_every)
   state, _ = checkpoint.restore_latest(mngr, state, workdir)  # may refuse: before any write
   if proc == 0:
-    workdir_lib.record(workdir, config)
+    workdir_lib.record(workdir, config, None if teacher is None else teacher.ident)
   start = int(state.step)
-  log_path = os.path.join(workdir, "metrics.jsonl")
-  if proc == 0:
-    _trim_log(log_path, start)
+  log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl") if proc == 0 else None,
+                               start)
   step_fn = step_lib.make_train_step(config, net, teacher, (mesh, state_sh, teacher_sh))
-  log = open(log_path, "a") if proc == 0 else None
   end = t.steps if stop_after is None else min(t.steps, start + stop_after)
   bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
              disable=not progress or proc != 0, dynamic_ncols=True)
-  t0 = time.time()
+  save = lambda step, state, force=False: checkpoint.save(mngr, step, state, force, workdir)
   try:
-    with _SigtermFlag() as sigterm:
-      for step in bar:
-        batch = parallel.global_batch(source.batch(step, t.batch_size, proc, nproc), mesh,
-                                      t.batch_size)
-        state, metrics = step_fn(state, batch, tparams)
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-          _log(log, metrics, done, t0, eval_fn, net, state, t, bar, progress, config.method)
-        if int(state.consecutive_skips) >= t.max_consecutive_skips > 0:
-          checkpoint.save(mngr, done, state, force=True)
-          raise FloatingPointError(
-              f"{int(state.consecutive_skips)} consecutive non-finite losses or gradients at "
-              f"step {done}; stopped, the last good parameters are saved in "
-              f"{workdir}/checkpoints/{done}")
-        if sigterm.set:
-          checkpoint.save(mngr, done, state, force=True)
-          raise Preempted(done)
-        checkpoint.save(mngr, done, state)
-      if mngr.latest_step() != int(state.step):
-        checkpoint.save(mngr, int(state.step), state, force=True)
+    preempt.check("before training started")
+    for step in bar:
+      batch = parallel.global_batch(source.batch(step, t.batch_size, proc, nproc), mesh,
+                                    t.batch_size)
+      state, metrics = step_fn(state, batch, tparams)
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        _log(log, metrics, done, eval_fn, net, state, t, bar, progress, config.method)
+      if int(state.consecutive_skips) >= t.max_consecutive_skips > 0:
+        _stop_non_finite(mngr, save, done, state, workdir)
+      if preempt.requested():
+        save(done, state, force=True)
+        raise Preempted(done)
+      save(done, state)
+    if mngr.latest_step() != int(state.step):
+      save(int(state.step), state, force=True)
   finally:
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    if log is not None:
-      log.close()
+    log.close()
   return net, state
 
 
-def _log(log, metrics, done, t0, eval_fn, net, state, t, bar, progress, method) -> None:
+def _nonfinite_parts(state: TrainState) -> list[str]:
+  """The names of the state's weight trees (params, each EMA, optimiser state, each part)
+  that hold a NaN or Inf."""
+  trees = {"params": state.params, "opt_state": state.opt_state,
+           **{f"ema/{k}": v for k, v in state.ema.items()},
+           **{f"parts/{n}": (p.params, p.opt_state, p.ema) for n, p in state.parts.items()}}
+  ok = jax.device_get(jax.jit(lambda d: {k: step_lib.all_finite(v) for k, v in d.items()})(
+      trees))
+  return sorted(k for k, v in ok.items() if not bool(v))
+
+
+def _stop_non_finite(mngr, save, done: int, state: TrainState, workdir: str) -> None:
+  """Stop after ``train.max_consecutive_skips`` skipped updates: save the state if every
+  weight in it is finite (the last good one: skipped updates leave it untouched), else save
+  nothing and name the newest checkpoint."""
+  n = int(state.consecutive_skips)
+  bad = _nonfinite_parts(state)
+  if not bad:
+    save(done, state, force=True)
+    raise FloatingPointError(
+        f"{n} consecutive non-finite losses or gradients at step {done}; stopped, the last "
+        f"good parameters are saved in {workdir}/checkpoints/{done}")
+  raise FloatingPointError(
+      f"{n} consecutive non-finite losses or gradients at step {done}, and the state itself "
+      f"is not finite ({', '.join(bad)}); stopped without saving it, the newest checkpoint is "
+      f"step {mngr.latest_step()}")
+
+
+def _log(log, metrics, done, eval_fn, net, state, t, bar, progress, method) -> None:
   last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  last.update(step=done, time=time.time() - t0)
+  last.update(step=done)
   if eval_fn is not None and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
     last.update({f"eval/{k}": v for k, v in eval_fn(net, state).items()})
-  if log is not None:
-    log.write(json.dumps(last) + "\n")
-    log.flush()
+  log.write(last)
+  if log.f is not None:
     bar.set_postfix(loss=f"{last['loss']:.4g}")
     if not progress:
       print(f"[{method}] step {done}/{t.steps} loss {last['loss']:.5g}", flush=True)

@@ -1,16 +1,21 @@
-"""Property: any combination of config overrides either starts a run or fails with one clear
-``ConfigError`` (or the ``TypeError`` ml_collections raises when the override is assigned, which
-the command line reports as a flag error) — never a traceback from deep inside JAX."""
+"""Property: any combination of config overrides either starts a run (trains, then evaluates
+and writes the report) or fails with one clear ``ConfigError`` before anything is written (or
+the ``TypeError`` ml_collections raises when the override is assigned, which the command line
+reports as a flag error) — never a traceback from deep inside JAX. The overrides include the
+eval section and non-finite numbers (NaN, +-Inf) in every kind of float field."""
 import os
 import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fmdistill import objectives, paths, train
+from fmdistill import main, objectives, paths
 from fmdistill.data import toy
 from fmdistill.errors import ConfigError
 from tests.test_train import tiny
+
+NON_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+NFES = st.lists(st.integers(-1, 4), max_size=3).map(tuple) | st.just(("abc",))
 
 FIELDS = {
     "method": st.sampled_from(objectives.names() + ["bogus"]),
@@ -37,16 +42,29 @@ FIELDS = {
     "data.conditional": st.booleans(),
     "data.num_examples": st.integers(0, 64),
     "eval.solver": st.sampled_from(["euler", "heun", "rk4", "dopri"]),
+  "eval.num_samples": st.integers(-2, 48),
+  "eval.teacher_nfe": NFES,
+  "eval.student_nfe": NFES,
+  "eval.gamma": st.floats(-0.5, 1.5) | NON_FINITE,
+  "eval.which": st.sampled_from(["params", "ema_0.9", "ema_0.999", "power_6.94", "ema_0.5"]),
+  "eval.classifier_steps": st.integers(-1, 3),
+  "train.final_lr": st.floats(0, 1) | NON_FINITE,
+  "train.b2": st.floats(0.5, 0.999) | NON_FINITE,
+  "train.ema_power": st.lists(st.floats(-1, 8) | NON_FINITE, max_size=1).map(tuple),
+  "model.mlp_ratio": st.floats(0.5, 4) | NON_FINITE,
+  "teacher.guidance": st.floats(0, 3) | NON_FINITE,
+  "seed": st.integers(-2, 3),
 }
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=16, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(st.sampled_from(sorted(FIELDS)), st.none(), min_size=1, max_size=5)
        .flatmap(lambda d: st.fixed_dictionaries({k: FIELDS[k] for k in d})))
 def test_random_overrides_start_or_fail_clearly(overrides):
   c = tiny(steps=2)
   c.train.log_every = 1
+  c.eval.update(num_samples=32, teacher_nfe=(1, 2), classifier_steps=2)
   if overrides.get("method") in objectives.names():
     c.method = overrides["method"]
     c.objective = objectives.default_config(c.method)
@@ -58,7 +76,9 @@ def test_random_overrides_start_or_fail_clearly(overrides):
     return  # rejected when assigned: the command line reports it as a bad flag
   with tempfile.TemporaryDirectory() as wd:
     try:
-      train.train_and_evaluate(c, os.path.join(wd, "run"), progress=False)
+      report = any(k.startswith("eval.") for k in overrides)  # evaluating costs seconds
+      main.run(c, os.path.join(wd, "run"), progress=False, evaluate=report)
+      assert os.path.exists(os.path.join(wd, "run", "report.md")) == report
     except ConfigError as e:
       msg = str(e)
       assert "\n" not in msg and "config." in msg, msg

@@ -46,9 +46,9 @@ def test_chain_resolves_teachers_and_skips_finished_stages(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.count("already finished") == 3
   assert os.path.getmtime(os.path.join(wd, "student", "metrics.jsonl")) == stamp
-  # a longer budget for one stage: only that stage continues
+  # a longer budget for one stage: only that stage continues (a change of its config)
   chain.stages.second.train.steps = 9
-  main.run(chain, wd, evaluate=False, progress=False)
+  main.run(chain, wd, evaluate=False, progress=False, allow_config_change=True)
   assert runs.latest_step(os.path.join(wd, "second")) == 9
   assert os.path.getmtime(os.path.join(wd, "student", "metrics.jsonl")) == stamp
   # a finished stage of another experiment is not skipped: the workdir check refuses it

@@ -13,6 +13,7 @@ def tiny(method="flow_matching", steps=30):
   c.train.update(steps=steps, batch_size=32, log_every=5, ckpt_every=10, warmup_steps=3)
   c.train.ema_decays = (0.9,)
   c.train.ema_power = (6.94,)
+  c.eval.which = "ema_0.9"
   return c
 
 
@@ -85,7 +86,7 @@ def test_teacher_loading_and_pair_cache_resume(tmp_path):
   c.teacher.update(workdir=str(tmp_path / "t"), which="ema_0.9", pair_num=96, pair_chunk=32,
                    pair_nfe=8)
   _, state = train.train_and_evaluate(c, str(tmp_path / "s"), progress=False)
-  chunks = sorted(p.name for p in (tmp_path / "s" / "pairs").glob("chunk_*.npz"))
+  chunks = sorted(p.name for p in (tmp_path / "s" / "pairs").glob("*/chunk_*.npz"))
   assert chunks == ["chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz"]
   assert int(state.step) == 5
   # setup() starts the student from the teacher's EMA weights (cache reused as is)
@@ -97,10 +98,14 @@ def test_teacher_loading_and_pair_cache_resume(tmp_path):
   c.teacher.pair_nfe = 16
   with pytest.raises(ValueError, match="holds a different experiment"):
     train.setup(c, str(tmp_path / "s"))
-  # and a shared cache built with other settings is refused, not mixed
+  # and a shared cache is keyed by the teacher's identity and the settings: other settings
+  # get their own directory, never mixed into this one
   c.teacher.pair_cache = str(tmp_path / "s" / "pairs")
-  with pytest.raises(ValueError, match="different settings"):
-    train.setup(c, str(tmp_path / "s2"))
+  train.setup(c, str(tmp_path / "s2"))
+  keys = sorted(p.name for p in (tmp_path / "s" / "pairs").iterdir())
+  assert len(keys) == 2
+  for k in keys:
+    assert len(list((tmp_path / "s" / "pairs" / k).glob("chunk_*.npz"))) == 3
 
 
 def test_periodic_evaluation_is_logged(tmp_path):

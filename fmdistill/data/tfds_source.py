@@ -23,14 +23,18 @@ def _builder(cfg):
   import tensorflow_datasets as tfds
   from fmdistill.data import tfds_builder  # noqa: F401  registers fmdistill_digits
   root = os.path.join(cfg.data_dir, cfg.tfds_name)
+  versions = sorted(d for d in os.listdir(root) if d[:1].isdigit())
+  prepared = [v for v in versions if os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
+  if not prepared:
+    where = (f"{os.path.join(root, versions[-1])} has no dataset_info.json" if versions
+             else f"{root} has no version directory")
+    raise FileNotFoundError(f"TFDS dataset {cfg.tfds_name!r} under data.data_dir="
+                            f"{cfg.data_dir!r} is not prepared ({where}); build it there "
+                            "(tfds build) or copy the whole prepared directory")
   try:
     return tfds.builder(cfg.tfds_name, data_dir=cfg.data_dir)
   except Exception:  # noqa: BLE001  not a registered builder: read the prepared directory
-    versions = sorted(d for d in os.listdir(root) if d[:1].isdigit())
-    if not versions:
-      raise FileNotFoundError(f"TFDS dataset {cfg.tfds_name!r} under {cfg.data_dir!r} has no "
-                              "prepared version directory") from None
-    return tfds.builder_from_directory(os.path.join(root, versions[-1]))
+    return tfds.builder_from_directory(os.path.join(root, prepared[-1]))
 
 
 def _tfrecord_rows(builder, split: str) -> list[dict]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -26,17 +27,26 @@ def _features(config, workdir: str):
 
 
 def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
-                  guidance: float = 1.0) -> dict:
+                  evals: dict | None = None, guidance: float = 1.0) -> dict:
   """Evaluate each named run directory; write figures and ``metrics.json`` into ``out_dir``.
 
   Flow-matching runs (``sampler='ode'``) are sampled at ``eval.teacher_nfe`` with
   ``eval.solver``; flow-map students at ``eval.student_nfe`` jumps along a uniform grid;
   ``guidance``: the classifier-free guidance scale (``evaluate.generate``).
+  ``evals`` (``{name: eval section}``, e.g. from the command line) replaces the eval section a
+  run was trained with. Each run is evaluated at its newest good checkpoint; the result and
+  the report name that step and whether the run is finished (an unfinished run also gets a
+  one-line warning). Nothing is written if a run is missing.
   """
+  stored = {name: runs_lib.read_config(wd) for name, wd in runs.items()}  # before any write
+  ecfg = {name: (evals or {}).get(name) or stored[name].eval for name in runs}
   os.makedirs(out_dir, exist_ok=True)
-  first = runs_lib.read_config(next(iter(runs.values())))
+  name0 = next(iter(runs))
+  first = stored[name0]
   source = data.make_source(first.data, first.seed)
-  n = first.eval.num_samples
+  n = ecfg[name0].num_samples
+  with first.unlocked():
+    first.eval = ecfg[name0]
   features, acc = _features(first, out_dir)
   reference = source.reference(n, 0)
   floor = evaluate.noise_floor(source, n, features)
@@ -45,7 +55,13 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
     result["classifier_accuracy"] = acc
   curves = {}
   for name, wd in runs.items():
-    config, net, params = runs_lib.load_params(wd, first.eval.which)
+    run = runs_lib.load_run(wd, ecfg[name].which)
+    config, net, params = run.config, run.net, run.params
+    with config.unlocked():
+      config.eval = ecfg[name]
+    if not run.finished:
+      print(f"warning: run {name!r} in {wd} is unfinished; evaluating its checkpoint at "
+            f"{run.describe()}", file=sys.stderr)
     sampler = objectives.entry(config.method).sampler
     nfes = config.eval.teacher_nfe if sampler == "ode" else config.eval.student_nfe
     per_nfe, panels = {}, {}
@@ -58,9 +74,11 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
       per_nfe[int(nfe)] = q
       panels[f"{name} {nfe} NFE"] = x
     plots.samples_figure(panels, os.path.join(out_dir, f"samples_{name}.png"),
-                         reference=reference, title=f"{name} ({config.method})")
+                         reference=reference,
+                         title=f"{name} ({config.method}), {run.describe()}")
     result["runs"][name] = {"method": config.method, "sampler": sampler, "workdir": wd,
-                            "nfe": per_nfe}
+                            "step": run.step, "steps": run.steps, "finished": run.finished,
+                            "which": run.which, "nfe": per_nfe}
     curves[name] = {k: v["sliced_w2"] for k, v in per_nfe.items()}
   plots.quality_figure(curves, floor["sliced_w2"], "sliced W2",
                        os.path.join(out_dir, "quality_vs_nfe.png"))
@@ -78,6 +96,12 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
            "held-out data (lower is better); the **floor** row is the same distance between two "
            "independent data samples of the same size — no model can be expected to go below it.",
            ""]
+  for name, r in result["runs"].items():
+    if "step" in r:
+      lines.append(f"- Run `{name}`: weights `{r['which']}` of checkpoint step {r['step']} of "
+                   f"{r['steps']}" + (" (finished)." if r["finished"] else
+                                      " — **unfinished run**."))
+  lines.append("")
   if "classifier_accuracy" in result:
     lines += [f"FD uses features of a classifier trained on the data "
               f"(accuracy {result['classifier_accuracy']:.3f}).", ""]

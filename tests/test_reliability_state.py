@@ -1,0 +1,431 @@
+"""Reliability in-process: integrity-checked checkpoints, the non-finite guard, config drift,
+checked teachers, the workdir lock, metrics.jsonl, and library output during checkpointing.
+(Process-level faults: ``tests/test_reliability.py``.)"""
+import errno
+import glob
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fmdistill import checkpoint, metrics_log, runs, state as state_lib, step as step_lib
+from fmdistill import teacher as teacher_lib, train, workdir as workdir_lib
+from fmdistill.errors import (CheckpointMismatchError, ConfigDriftError, TeacherError,
+                              WorkdirError)
+from tests.test_train import tiny
+
+
+def _assert_identical(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _files(wd):
+  return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+          for d, _, fs in os.walk(wd) for f in fs}
+
+
+def _all_finite(tree):
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def _strict(path):
+  """metrics.jsonl parsed as strict JSON (a bare NaN/Infinity raises)."""
+  bad = lambda c: (_ for _ in ()).throw(ValueError(f"non-JSON constant {c}"))
+  return [json.loads(l, parse_constant=bad) for l in open(path)]
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def _flip(step_dir, n_files=2):
+  """Flip three bytes in each of the ``n_files`` largest array data files of a step."""
+  files = sorted(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")),
+                 key=os.path.getsize)[-n_files:]
+  for f in files:
+    b = bytearray(open(f, "rb").read())
+    for i in (len(b) // 3, len(b) // 2, 2 * len(b) // 3):
+      b[i] ^= 0xFF
+    open(f, "wb").write(bytes(b))
+
+
+def _tamper(c, wd, step):
+  """Rewrite ``step`` with one changed number in every parameter array but the checksums of
+  the original: what bit rot that orbax reads without complaint looks like."""
+  _, _, _, target = train.setup(c, wd)
+  mngr = checkpoint.manager(wd, keep=10)
+  good = checkpoint.restore(mngr, step, target)
+  sums = checkpoint.checksums(good)
+  bad = good.replace(params=jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].add(1.0),
+                                                   good.params))
+  mngr.delete(step)
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(bad),
+                                          checksums=ocp.args.JsonSave(sums)), force=True)
+  mngr.close()
+
+
+def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(tmp_path, capsys):
+  """Flipped bytes, numbers changed behind orbax's back (failed checksums), a missing
+  state/_METADATA and truncated files: readers skip them (moving nothing), a resumed run sets
+  each aside and resumes exactly from the newest good one."""
+  wd = str(tmp_path / "c")
+  c = tiny(steps=60)
+  c.train.keep = 6
+  train.train_and_evaluate(c, wd, progress=False, stop_after=50)
+  ck = os.path.join(wd, "checkpoints")
+  _flip(os.path.join(ck, "50"))
+  _tamper(c, wd, 40)
+  os.remove(os.path.join(ck, "30", "state", "_METADATA"))
+  for d, _, fs in os.walk(os.path.join(ck, "20")):
+    for f in fs:
+      with open(os.path.join(d, f), "r+b") as fh:
+        fh.truncate(os.path.getsize(os.path.join(d, f)) // 2)
+  capsys.readouterr()
+  read = runs.load_run(wd, "params")                   # a reader: skips, moves nothing
+  err = capsys.readouterr().err.splitlines()
+  assert read.step == 10 and len(err) == 4, err
+  assert all(f"checkpoint step {s} of run" in l for s, l in zip((50, 40, 30, 20), err)), err
+  assert "checksum mismatch in 18 array(s): params/fc0a/bias" in err[1]   # every params leaf
+  assert "state/_METADATA is missing" in err[2]
+  assert sorted(os.listdir(ck), key=int) == ["1", "10", "20", "30", "40", "50"]
+  _, resumed = train.train_and_evaluate(c, wd, progress=False)
+  err = capsys.readouterr().err
+  for s in (50, 40, 30, 20):
+    assert f"warning: checkpoint step {s} is unreadable" in err
+    assert os.path.isdir(os.path.join(wd, "corrupt_checkpoints", str(s)))  # kept, not deleted
+  _, straight = train.train_and_evaluate(c, str(tmp_path / "s"), progress=False)
+  _assert_identical(straight, resumed)   # resumed from step 10, exactly
+
+
+def test_checksums_see_every_flipped_bit_and_every_swap():
+  tree = {"f": jnp.linspace(-1, 1, 12, dtype=jnp.float32).reshape(3, 4),
+          "h": jnp.arange(5, dtype=jnp.bfloat16), "i": jnp.arange(7, dtype=jnp.int32),
+          "k": jax.random.PRNGKey(3), "b": jnp.array([True, False]),
+          "typed": jax.random.key(1)}
+  ref = checkpoint.checksums(tree)
+  assert set(ref) == {"f", "h", "i", "k", "b", "typed"}
+  f = np.asarray(tree["f"]).copy()
+  for bit in range(32):
+    g = f.copy().view(np.uint32)
+    g[1, 2] ^= np.uint32(1 << bit)
+    assert checkpoint.checksums(dict(tree, f=jnp.asarray(g.view(np.float32))))["f"] != ref["f"]
+  swapped = f.copy()
+  swapped[0, [0, 1]] = swapped[0, [1, 0]]
+  assert checkpoint.checksums(dict(tree, f=jnp.asarray(swapped)))["f"] != ref["f"]
+  assert checkpoint.checksums(tree) == ref   # deterministic
+
+
+def test_mismatched_checkpoint_is_refused_without_touching_anything(tmp_path):
+  wd = str(tmp_path / "m")
+  train.train_and_evaluate(tiny(steps=10), wd, progress=False)
+  before = _files(wd)
+  c = tiny(steps=10)
+  c.train.ema_decays = (0.99,)   # changes the state's structure
+  c.eval.which = "ema_0.99"
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"ema/ema_0\.9/fc0a/bias: checkpoint \(16,\) vs config None"):
+    train.train_and_evaluate(c, wd, progress=False, allow_config_change=True)
+  assert _files(wd) == before
+
+
+# ------------------------------------------------------------------ non-finite values
+
+def test_guard_checks_the_updated_parameters():
+  """A finite loss and gradient whose update overflows is skipped like a NaN loss."""
+  import optax
+  params = {"w": jnp.ones(3)}
+  opt = optax.sgd(3e38)
+  new, _, ok = step_lib.guarded_update(opt, jnp.float32(1.0), {"w": jnp.full(3, -10.0)},
+                                       params, opt.init(params))
+  assert not bool(ok)
+  _assert_identical(new, params)
+
+
+def test_exploding_run_stops_with_a_finite_last_good_state(tmp_path):
+  """lr = 3e38 (finite, so valid) for the student and sCM's jointly trained weighting: the
+  guard skips every update that leaves a non-finite value, the run stops, and the state it
+  saves (params, EMAs, optimiser states, the part) is finite; metrics.jsonl stays strict
+  JSON, the non-finite figures written as null and named."""
+  c = tiny("scm_ct", steps=40)
+  c.train.update(lr=3e38, warmup_steps=0, max_consecutive_skips=3, log_every=1)
+  c.parts.weighting.lr = 3e38
+  wd = str(tmp_path / "boom")
+  with pytest.raises(FloatingPointError, match="last good parameters are saved in"):
+    train.train_and_evaluate(c, wd, progress=False)
+  saved = runs.load_state(wd)
+  assert int(saved["skipped"]) >= 3
+  for name in ("params", "ema", "opt_state", "parts"):
+    assert _all_finite(saved[name]), name
+  lines = _strict(os.path.join(wd, "metrics.jsonl"))
+  flagged = [l for l in lines if l.get("nonfinite")]
+  assert flagged and all(l[k] is None for l in flagged for k in l["nonfinite"])
+  assert "loss" in flagged[-1]["nonfinite"]
+
+
+def test_a_non_finite_state_is_not_saved_as_the_last_good_one(tmp_path, monkeypatch):
+  c = tiny(steps=50)
+  c.train.max_consecutive_skips = 4
+  real_init, real_source = state_lib.init_state, train.make_source
+
+  def nan_ema(config, params, parts, key):
+    s = real_init(config, params, parts, key)
+    return s.replace(ema={k: jax.tree_util.tree_map(lambda x: x * jnp.nan, v)
+                          for k, v in s.ema.items()})
+
+  class Poisoned:
+    def __init__(self, src):
+      self.src, self.shape, self.num_classes = src, src.shape, src.num_classes
+
+    def batch(self, step, n, *a):
+      b = self.src.batch(step, n, *a)
+      return {"x": b["x"] * np.nan} if step >= 12 else b
+
+  monkeypatch.setattr(state_lib, "init_state", nan_ema)
+  monkeypatch.setattr(train, "make_source", lambda cfg: Poisoned(real_source(cfg)))
+  wd = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"state itself is not finite \(ema/ema_0\.9, ema/power_6\.94\); "
+                     r"stopped without saving it, the newest checkpoint is step 10"):
+    train.train_and_evaluate(c, wd, progress=False)
+  assert checkpoint.manager(wd, read_only=True).latest_step() == 10
+
+
+def test_consecutive_non_finite_steps_stop_with_a_saved_checkpoint(tmp_path, monkeypatch):
+  c = tiny(steps=50)
+  c.train.max_consecutive_skips = 4
+  real = train.make_source
+
+  class Poisoned:
+    def __init__(self, src):
+      self.src, self.shape, self.num_classes = src, src.shape, src.num_classes
+
+    def batch(self, step, n, *a):
+      b = self.src.batch(step, n, *a)
+      return {"x": b["x"] * np.nan} if step >= 12 else b
+
+  monkeypatch.setattr(train, "make_source", lambda cfg: Poisoned(real(cfg)))
+  wd = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match="4 consecutive non-finite"):
+    train.train_and_evaluate(c, wd, progress=False)
+  monkeypatch.setattr(train, "make_source", real)
+  assert checkpoint.manager(wd, read_only=True).latest_step() == 16
+  saved = runs.load_state(wd)
+  assert int(saved["skipped"]) == 4
+  _, good = train.train_and_evaluate(tiny(steps=50), str(tmp_path / "g"), progress=False,
+                                     stop_after=12)
+  _assert_identical(good.params, saved["params"])  # the last good parameters, untouched
+  assert _all_finite(saved)
+  logged = _strict(os.path.join(wd, "metrics.jsonl"))
+  assert logged[-1]["step"] == 15 and logged[-1]["loss"] is None
+  assert set(logged[-1]["nonfinite"]) >= {"loss", "grad_norm"}
+
+
+# ------------------------------------------------------------------ metrics.jsonl
+
+def test_metrics_log_is_repaired_and_time_continues_across_resumes(tmp_path, capsys):
+  wd = str(tmp_path / "log")
+  train.train_and_evaluate(tiny(steps=20), wd, progress=False, stop_after=10)
+  path = os.path.join(wd, "metrics.jsonl")
+  with open(path, "a") as f:
+    f.write('{"loss": 1.0, "st')          # a write cut short
+  capsys.readouterr()
+  train.train_and_evaluate(tiny(steps=20), wd, progress=False)
+  err = capsys.readouterr().err
+  assert f"note: {path}: dropped 1 unreadable line(s) (line 3" in err and "kept 2" in err
+  lines = _strict(path)
+  assert [l["step"] for l in lines] == [5, 10, 15, 20]
+  times = [l["time"] for l in lines]
+  assert times == sorted(times) and times[2] > times[1] > 0   # continued, not restarted
+  assert metrics_log.clean({"a": float("nan"), "b": 1.0}) == {"a": None, "b": 1.0,
+                                                              "nonfinite": ["a"]}
+
+
+# ------------------------------------------------------------------ config drift
+
+def test_config_drift_is_listed_and_refused_unless_allowed(tmp_path):
+  wd = str(tmp_path / "d")
+  train.train_and_evaluate(tiny(steps=10), wd, progress=False)
+  before = _files(wd)
+  c = tiny(steps=10)
+  c.train.lr, c.train.batch_size = 3e-4, 64
+  with pytest.raises(ConfigDriftError, match=r"\(train\.batch_size: 32 -> 64; train\.lr: "
+                     r"0\.001 -> 0\.0003\); rerun with the stored values, or pass "
+                     r"--allow_config_change"):
+    train.train_and_evaluate(c, wd, progress=False)
+  assert _files(wd) == before     # nothing written, config.json not overwritten
+  c.train.steps = 15
+  train.train_and_evaluate(c, wd, progress=False, allow_config_change=True)
+  prov = json.load(open(os.path.join(wd, "provenance.json")))
+  assert prov[-1]["config_changes"] == ["train.batch_size: 32 -> 64", "train.lr: 0.001 -> 0.0003",
+                                        "train.steps: 10 -> 15"]
+  assert runs.read_config(wd).train.lr == 3e-4
+  # evaluation, mesh and logging settings may change freely (recorded)
+  c.eval.num_samples, c.train.log_every = 500, 3
+  train.train_and_evaluate(c, wd, progress=False)
+  assert "eval.num_samples: 2000 -> 500" in json.load(
+      open(os.path.join(wd, "provenance.json")))[-1]["config_changes"]
+  # the network's shape or the method never change in place, allowed or not
+  c.model.width = 32
+  with pytest.raises(WorkdirError, match="holds a different experiment"):
+    train.train_and_evaluate(c, wd, progress=False, allow_config_change=True)
+
+
+# ------------------------------------------------------------------ teachers
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+  base = tmp_path_factory.mktemp("teachers")
+  done, half, mf = str(base / "fm"), str(base / "half"), str(base / "mf")
+  c = tiny(steps=10)
+  c.train.keep = 3
+  train.train_and_evaluate(c, done, progress=False)
+  train.train_and_evaluate(tiny(steps=10), half, progress=False, stop_after=5)
+  train.train_and_evaluate(tiny("meanflow", steps=2), mf, progress=False)
+  return done, half, mf
+
+
+def _student(teacher_wd, steps=4):
+  c = tiny("direct_distill", steps=steps)
+  c.train.ckpt_every = 2
+  c.teacher.update(workdir=teacher_wd, which="ema_0.9", pair_num=64, pair_chunk=32, pair_nfe=8)
+  return c
+
+
+def test_unfinished_and_non_velocity_teachers_are_refused(teachers, tmp_path):
+  _, half, mf = teachers
+  with pytest.raises(TeacherError, match=r"teacher run .* is unfinished \(checkpoint step 5 of "
+                     r"10\); let it finish, or set config\.teacher\.allow_unfinished=True"):
+    train.setup(_student(half), str(tmp_path / "a"))
+  assert not (tmp_path / "a").exists()
+  c = _student(half)
+  c.teacher.allow_unfinished = True
+  _, t, _, _ = train.setup(c, str(tmp_path / "b"))
+  assert t.ident["step"] == 5
+  with pytest.raises(TeacherError, match=r"is a 'meanflow' run, a flow map and not a velocity "
+                     r"model; a teacher must be a run of \['flow_matching'"):
+    train.setup(_student(mf), str(tmp_path / "c"))
+
+
+def test_student_pins_its_teachers_identity(teachers, tmp_path):
+  """A student records (run, step, weights' sha256) at its start; a restart reads the teacher
+  at that step even after the teacher trained on, and refuses a teacher whose weights
+  changed. The pair cache is keyed by the identity."""
+  done, _, _ = teachers
+  wd = str(tmp_path / "student")
+  train.train_and_evaluate(_student(done), wd, progress=False, stop_after=2)
+  pin = json.load(open(os.path.join(wd, "teacher.json")))
+  assert pin["step"] == 10 and pin["workdir"] == os.path.abspath(done)
+  meta = json.load(open(glob.glob(os.path.join(wd, "pairs", "*", "meta.json"))[0]))
+  assert meta["teacher"]["params_sha256"] == pin["params_sha256"]
+  key = teacher_lib.pair_cache_key({k: v for k, v in meta.items() if k not in ("num", "chunk")})
+  assert os.path.isdir(os.path.join(wd, "pairs", key))
+  # the teacher trains on (steps 10 -> 20): the student still reads step 10
+  c = tiny(steps=20)
+  c.train.keep = 3
+  train.train_and_evaluate(c, done, progress=False, allow_config_change=True)
+  _, t, _, _ = train.setup(_student(done), wd)
+  assert t.ident["step"] == 10 and t.ident["params_sha256"] == pin["params_sha256"]
+  # the teacher is replaced by another run with the same steps: refused, nothing written
+  other = tiny(steps=20)
+  other.seed, other.train.keep = 1, 3
+  train.train_and_evaluate(other, done, progress=False, overwrite=True)
+  before = _files(wd)
+  with pytest.raises(TeacherError, match=r"is not the one this student started from "
+                     r"\(params_sha256: "):
+    train.train_and_evaluate(_student(done), wd, progress=False)
+  assert _files(wd) == before
+
+
+# ------------------------------------------------------------------ the workdir lock
+
+def test_one_process_per_workdir(tmp_path):
+  wd = str(tmp_path / "w")
+  with workdir_lib.lock(wd):
+    holder = json.load(open(os.path.join(wd, "lock")))
+    assert holder["pid"] == os.getpid()
+    with pytest.raises(WorkdirError, match=rf"is in use by another process \(pid "
+                       rf"{os.getpid()} on "):
+      train.train_and_evaluate(tiny(steps=2), wd, progress=False)
+    assert os.listdir(wd) == ["lock"]          # the refused run wrote nothing
+  assert not os.path.exists(wd)                # created by the lock, empty: removed again
+  # a run that fails after taking the lock leaves no trace in a workdir it created
+  with pytest.raises(RuntimeError):
+    with workdir_lib.lock(wd):
+      raise RuntimeError("boom")
+  assert not os.path.exists(wd)
+
+
+def test_lock_without_flock_detects_stale_locks(tmp_path, monkeypatch, capsys):
+  """On file systems without flock the lock file itself is the lock: a live holder refuses,
+  a dead holder on this host is taken over, a holder on another host refuses."""
+  def no_flock(fd, op):
+    raise OSError(errno.ENOLCK, "no locks available")
+  monkeypatch.setattr(workdir_lib.fcntl, "flock", no_flock)
+  wd = str(tmp_path / "w")
+  os.makedirs(wd)
+  with workdir_lib.lock(wd):
+    with pytest.raises(WorkdirError, match="in use by another process"):
+      workdir_lib.Lock(wd).acquire()
+  assert not os.path.exists(os.path.join(wd, "lock"))
+  host = workdir_lib.platform.node()
+  for holder, refused in (({"pid": 2 ** 22 + 12345, "host": host}, False),
+                          ({"pid": 1, "host": "elsewhere"}, True)):
+    with open(os.path.join(wd, "lock"), "w") as f:
+      json.dump(holder, f)
+    if refused:
+      with pytest.raises(WorkdirError, match="on elsewhere"):
+        workdir_lib.Lock(wd).acquire()
+    else:
+      workdir_lib.Lock(wd).acquire().release()
+      assert "removing a stale lock of pid" in capsys.readouterr().err
+
+
+def test_multi_host_lock_is_held_by_process_zero(tmp_path, monkeypatch):
+  from fmdistill import workdir as w
+  wd = str(tmp_path / "w")
+  os.makedirs(wd)
+  monkeypatch.setattr(w.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(w.jax, "process_index", lambda: 1)
+  said = []
+  monkeypatch.setattr(w.multihost_utils, "broadcast_one_to_all",
+                      lambda x: said.append(int(x)) or np.int32(1))
+  with w.lock(wd) as held:       # process 1: follows process 0, holds nothing itself
+    assert held is None and not os.path.exists(os.path.join(wd, "lock"))
+  monkeypatch.setattr(w.multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))
+  with pytest.raises(WorkdirError, match="process 0 could not lock it"):
+    with w.lock(wd):
+      pass
+  monkeypatch.setattr(w.jax, "process_index", lambda: 0)
+  monkeypatch.setattr(w.multihost_utils, "broadcast_one_to_all",
+                      lambda x: said.append(int(x)) or x)
+  with w.lock(wd) as held:       # process 0 takes it and tells the others
+    assert held is not None and os.path.exists(os.path.join(wd, "lock"))
+  assert said == [0, 1]
+
+
+# ------------------------------------------------------------------ library output
+
+def test_library_output_during_checkpointing_goes_to_the_log(tmp_path, capfd):
+  class Raises:
+    def __del__(self):
+      raise RuntimeError("from a finaliser")
+
+  with checkpoint.quiet(str(tmp_path)) as cap:
+    logging.getLogger("asyncio").error("an asyncio complaint")
+    os.write(2, b"native TensorStore noise\n")
+    Raises()
+  out = capfd.readouterr()
+  assert out.err == "" and out.out == ""
+  text = open(cap.path).read()
+  assert cap.path == str(tmp_path / "library.log")
+  for s in ("an asyncio complaint", "native TensorStore noise", "from a finaliser"):
+    assert s in text
+  with checkpoint.quiet(str(tmp_path / "x")) as cap:
+    pass
+  assert cap.path is None                       # nothing said, no file
