@@ -45,6 +45,8 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(_DATA)
   c.model = ml_collections.ConfigDict(_MODEL)
   c.train = ml_collections.ConfigDict(_TRAIN)
+  if c.objective.target_ema.startswith("ema_"):  # a method whose theta^- is an EMA keeps it
+    c.train.ema_decays = tuple(sorted({*c.train.ema_decays, float(c.objective.target_ema[4:])}))
   c.parts = ml_collections.ConfigDict()
   for name, part in objectives.entry(method).parts.items():
     c.parts[name] = ml_collections.ConfigDict(dict(
@@ -168,6 +170,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps", t.warmup_steps, ">= 0")
   _check(all(0 < d < 1 for d in c.train.ema_decays), "train.ema_decays", c.train.ema_decays,
          "decays in (0, 1)")
+  emas = [f"ema_{d:g}" for d in c.train.ema_decays] + [f"power_{g:g}" for g in c.train.ema_power]
+  _check(not o.target_ema or o.target_ema in emas, "objective.target_ema", o.target_ema,
+         f"'' (theta^- = stopgrad(theta)) or an EMA the run keeps: {emas} (train.ema_decays)")
   mesh = parallel.mesh_shape(c.mesh, jax.device_count())
   shards = mesh[0] * mesh[1]
   _check(c.train.batch_size % shards == 0, "train.batch_size", c.train.batch_size,
