@@ -199,7 +199,9 @@ def sample_sigmas(key: Array, n: int, step: Array | int, cfg) -> tuple[Array, Ar
     return hi, lo, {"stage": stage}
   size = num_scales(step, cfg)
   hi, lo, logits = interval_logits(size, cfg)
-  idx = jax.random.categorical(key, logits, shape=(n,))
+  cdf = jnp.cumsum(jax.nn.softmax(logits))  # inverse-CDF draw: O(n log N), no (n, N) noise
+  idx = jnp.searchsorted(cdf, jax.random.uniform(key, (n,)) * cdf[-1], side="right")
+  idx = jnp.minimum(idx, size - 2)
   return hi[idx], lo[idx], {"num_scales": size}
 
 
@@ -265,7 +267,7 @@ def consistency_loss(params, batch, key, *, net, teacher=None, ema_params=None, 
   theta_minus = sg(params if ema_params is None else ema_params)
   f = param.apply(net, params, x_hi, t_hi, zero, cond).astype(jnp.float32)
   f_tgt = sg(param.apply(net, theta_minus, x_lo, t_lo, zero, cond)).astype(jnp.float32)
-  f_tgt = jnp.where(bcast(sig_lo > 0, f_tgt), f_tgt, x0.astype(jnp.float32))  # f(x, 0) = x
+  f_tgt = jnp.where(bcast(sig_lo > 0, f_tgt), f_tgt, x_lo.astype(jnp.float32))  # f(x, 0) = x
   delta = f - f_tgt
   per = weight(sig_hi, sig_lo, cfg.weighting) * distance(delta, cfg.metric, cfg.huber_c)
   loss = jnp.mean(per)
