@@ -81,7 +81,7 @@ def test_teacher_solve_runs_k_steps_along_the_grid():
 def test_index_sampler():
   cfg = ctm.defaults()
   cfg.max_solver_steps = 17  # CTM's code
-  draw = jax.jit(jax.vmap(lambda key: ctm.sample_indices(key, 64, cfg)))
+  draw = o.jit(jax.vmap(lambda key: ctm.sample_indices(key, 64, cfg)))
   ks, i, j = draw(jax.random.split(jax.random.key(0), 3000))
   assert bool(jnp.all(i >= 0)) and bool(jnp.all(i + ks[:, None] <= j)) and bool(jnp.all(j <= 17))
   freq = np.bincount(np.asarray(ks), minlength=18)[1:] / ks.shape[0]

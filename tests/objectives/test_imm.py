@@ -71,7 +71,7 @@ def test_weighting_is_the_papers():
 
 def test_time_sampler():
   cfg, path = imm.defaults(), paths.linear()
-  t, r, s = imm.sample_times(jax.random.key(0), 200_000, cfg, path)
+  t, r, s = o.jit(lambda k: imm.sample_times(k, 200_000, cfg, path))(jax.random.key(0))
   assert bool(jnp.all(s <= r)) and bool(jnp.all(r < t)) and float(jnp.max(t)) <= 0.994 + 1e-6
   eta = lambda u: u / (1 - u)
   gap = (0.994 / 0.006) / 2 ** 12
