@@ -86,7 +86,7 @@ def test_index_sampler():
   assert bool(jnp.all(i >= 0)) and bool(jnp.all(i + ks[:, None] <= j)) and bool(jnp.all(j <= 17))
   freq = np.bincount(np.asarray(ks), minlength=18)[1:] / ks.shape[0]
   np.testing.assert_allclose(freq, np.arange(1, 18) / np.arange(1, 18).sum(), atol=0.02)
-  assert int(jnp.max(draw(jax.random.split(jax.random.key(1), 200))[0])) == 17
+  assert int(jnp.max(ks)) == 17
   capped = ctm.defaults()  # the library's default: a short solve, k <= 4
   ks4 = jax.vmap(lambda key: ctm.sample_indices(key, 8, capped)[0])(
       jax.random.split(jax.random.key(1), 200))
