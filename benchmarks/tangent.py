@@ -39,6 +39,9 @@ from fmdistill.objectives import _common  # noqa: E402
 
 METHODS = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
            "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self")
+# discrete consistency, CTM and IMM (docs/consistency.md): all start from the teacher's weights,
+# those that need no teacher in their loss too (--methods cm_cd,cm_ct,ict,ect,ctm,imm)
+FAMILY = ("cm_cd", "cm_ct", "ict", "ect", "ctm", "imm")
 
 
 def machine() -> str:
@@ -159,17 +162,17 @@ def quality(args) -> str:
   from fmdistill.eval import report
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import toy2d
-  runs = {"teacher": args.teacher}
+  run_dirs = {"teacher": args.teacher}
   for m in args.methods.split(","):
     wd = os.path.join(args.runs, m)
-    if args.train and not os.path.exists(os.path.join(wd, "config.json")):
+    if args.train and not runs.is_finished(wd):  # resumes an interrupted run
       c = toy2d.method_config(m, args.toy)
-      if objectives.entry(m).needs_teacher:
+      if objectives.entry(m).needs_teacher or m in FAMILY:
         c.teacher.workdir = args.teacher
       train.train_and_evaluate(c, wd, progress=False)
     if os.path.exists(os.path.join(wd, "checkpoints")):
-      runs[m] = wd
-  res = report.evaluate_runs(runs, args.out or os.path.join(args.runs, "report"))
+      run_dirs[m] = wd
+  res = report.evaluate_runs(run_dirs, args.out or os.path.join(args.runs, "report"))
   floor = res["noise_floor"]["sliced_w2"]
   t = res["runs"]["teacher"]["nfe"]
   t64 = t.get(64, t.get("64"))["sliced_w2"]

@@ -47,6 +47,8 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(_DATA)
   c.model = ml_collections.ConfigDict(_MODEL)
   c.train = ml_collections.ConfigDict(_TRAIN)
+  if c.objective.target_ema.startswith("ema_"):  # a method whose theta^- is an EMA keeps it
+    c.train.ema_decays = tuple(sorted({*c.train.ema_decays, float(c.objective.target_ema[4:])}))
   c.parts = ml_collections.ConfigDict()
   for name, part in objectives.entry(method).parts.items():
     c.parts[name] = ml_collections.ConfigDict(dict(
@@ -186,6 +188,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(all(isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0
              for g in c.train.ema_power), "train.ema_power", c.train.ema_power,
          "power-EMA exponents gamma > 0 (EDM2)")
+  emas = state_lib.ema_names(c.train)
+  _check(not o.target_ema or o.target_ema in emas, "objective.target_ema", o.target_ema,
+         f"'' (theta^- = stopgrad(theta)) or an EMA the run keeps: {emas} (train.ema_decays)")
   mesh = parallel.mesh_shape(c.mesh, jax.device_count())
   shards = mesh[0] * mesh[1]
   _check(c.train.batch_size % shards == 0, "train.batch_size", c.train.batch_size,

@@ -59,6 +59,14 @@ def _step(v: Velocity, x: Array, t: Array, s: Array, method: str) -> Array:
   raise ValueError(f"unknown solver {method!r}; known: {list(SOLVERS)}")
 
 
+def ode_step(v: Velocity, x: Array, t: Array, s: Array, method: str = "euler") -> Array:
+  """One solver step from ``t`` to ``s`` per example (``x (B, ...)``, ``t, s (B,)``; each
+  example may have its own times), e.g. a teacher step between adjacent grid times."""
+  if method not in SOLVERS:
+    raise ValueError(f"unknown solver {method!r}; known: {list(SOLVERS)}")
+  return _step(v, x, t, s, method)
+
+
 def solve_ode(v: Velocity, x: Array, grid: Array, method: str = "euler") -> Array:
   """Integrate ``dx/dt = v(x, t)`` from ``grid[0]`` to ``grid[-1]``; ``x (B, ...)``."""
   if method not in SOLVERS:

@@ -69,6 +69,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   with config.unlocked():
     config.data_shape = list(shape)
     config.objective.num_classes = num_classes
+    if config.objective.get("curriculum_steps", -1) == 0:  # a curriculum's K: the whole run
+      config.objective.curriculum_steps = config.train.steps
   entry = objectives.entry(config.method)
   teacher = teacher_lib.load(config, workdir)
   if entry.needs_teacher and teacher is None:

@@ -87,3 +87,41 @@ def test_time_grid_and_nfe():
     sampling.solver_steps_for_nfe(3, "heun")
   with pytest.raises(ValueError, match="known"):
     sampling.solve_ode(lambda x, t: x, jnp.ones((1, 2)), grid, "rk45")
+
+
+def _toy_map():
+  """A flow map that is not the exact one (so every jump matters): the exact map of another
+  Gaussian on the linear path, evaluated with a scaled displacement."""
+  p, g = paths.linear(), _gaussian()
+  return lambda x, t, s: x + 1.1 * (g.flow_map(p, x, t, s) - x)
+
+
+def test_gamma_zero_is_deterministic_multistep():
+  f, x = _toy_map(), jax.random.normal(jax.random.key(5), (256, 2))
+  grid = sampling.time_grid(4)
+  want = x
+  for t, s in zip(grid[:-1], grid[1:]):
+    want = f(want, jnp.full((256,), t), jnp.full((256,), s))
+  got = sampling.sample_flow_map(f, x, grid, path=paths.linear(), gamma=0.0,
+                                 key=jax.random.key(6))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # the stochastic branch tends to the same jumps as gamma -> 0
+  near = sampling.sample_flow_map(f, x, grid, path=paths.linear(), gamma=1e-3,
+                                  key=jax.random.key(6))
+  np.testing.assert_allclose(near, want, atol=5e-3)
+
+
+def test_gamma_one_is_consistency_multistep():
+  """``x0 = f(x, t_i, 0)``, then ``x = alpha(t_{i+1}) x0 + sigma(t_{i+1}) z_i`` with the
+  sampler's per-step keys; the last step returns ``x0``."""
+  p, f = paths.linear(), _toy_map()
+  n, x = 256, jax.random.normal(jax.random.key(7), (256, 2))
+  grid, key = sampling.time_grid(3), jax.random.key(8)
+  keys = jax.random.split(key, 3)
+  want = x
+  for i in range(3):
+    x0 = f(want, jnp.full((n,), grid[i]), jnp.zeros((n,)))
+    s = grid[i + 1]
+    want = x0 if i == 2 else p.alpha(s) * x0 + p.sigma(s) * jax.random.normal(keys[i], x.shape)
+  got = sampling.sample_flow_map(f, x, grid, path=p, gamma=1.0, key=key)
+  np.testing.assert_allclose(got, want, atol=1e-5)
