@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from fmdistill import flowmap, models, objectives, parallel, paths, sampling
+from fmdistill import state as state_lib
 from fmdistill.data import toy
 from fmdistill.errors import ConfigError
 
@@ -113,6 +114,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   except (KeyError, AttributeError, TypeError) as e:
     raise ConfigError(f"config.objective does not fit method {c.method!r}: {e}") from None
   o = c.objective
+  if objectives.entry(c.method).check is not None:
+    objectives.entry(c.method).check(c)
   _check(o.path in paths.PATHS, "objective.path", o.path, sorted(paths.PATHS))
   _check(o.param in flowmap.PARAMETERIZATIONS, "objective.param", o.param,
          list(flowmap.PARAMETERIZATIONS))
@@ -168,6 +171,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps", t.warmup_steps, ">= 0")
   _check(all(0 < d < 1 for d in c.train.ema_decays), "train.ema_decays", c.train.ema_decays,
          "decays in (0, 1)")
+  if c.objective.get("target_ema", ""):
+    _check(c.objective.target_ema in state_lib.ema_names(c.train), "objective.target_ema",
+           c.objective.target_ema, f"'' (stopgrad) or one of {state_lib.ema_names(c.train)}")
   mesh = parallel.mesh_shape(c.mesh, jax.device_count())
   shards = mesh[0] * mesh[1]
   _check(c.train.batch_size % shards == 0, "train.batch_size", c.train.batch_size,

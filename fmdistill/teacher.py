@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from fmdistill import data, flowmap, models, paths, runs, sampling, state as state_lib
+from fmdistill import data, flowmap, models, objectives, paths, runs, sampling
+from fmdistill import state as state_lib
 from fmdistill.data import pairs
 from fmdistill.errors import ConfigError
 
@@ -25,6 +26,18 @@ class Teacher(struct.PyTreeNode):
   model: tuple = struct.field(pytree_node=False, default=())  # ((field, value), ...)
   native: tuple = struct.field(pytree_node=False, default=())  # what its weights are trained
   # for: (param name, path name, sigma_d)
+  kind: str = struct.field(pytree_node=False, default="velocity")  # kind_of(its method)
+  source: str = struct.field(pytree_node=False, default="")  # its workdir and method
+
+
+def kind_of(method: str) -> str:
+  """What a finished run of ``method`` offers a student: ``'velocity'`` (an ODE model, e.g.
+  flow matching or a ReFlow round), ``'flowmap'`` (a few-step map ``f(x, t, s)``, e.g. a
+  progressive-distillation stage) or ``'consistency'`` (a map to ``s = 0`` only)."""
+  entry = objectives.entry(method)
+  if entry.sampler == "ode":
+    return "velocity"
+  return "consistency" if entry.consistency else "flowmap"
 
 
 def load(config: ml_collections.ConfigDict) -> Teacher | None:
@@ -40,7 +53,32 @@ def load(config: ml_collections.ConfigDict) -> Teacher | None:
   return Teacher(net, flowmap.Parameterization(o.param, o.sigma_d),
                  paths.get_path(o.path, o.sigma_d), params,
                  tuple((k, tconfig.model.get(k, _LEGACY.get(k))) for k in models.FUNCTION_FIELDS),
-                 _native(tconfig))
+                 _native(tconfig), kind_of(tconfig.method),
+                 f"{config.teacher.workdir!r} ({tconfig.method})")
+
+
+def check_kind(config: ml_collections.ConfigDict, teacher: Teacher) -> None:
+  """Refuse a teacher run the method cannot use (one line naming it): a flow-map student as
+  the teacher of a method that needs a velocity, a consistency model where jumps are needed, a
+  flow-map teacher on another path (maps are not converted between paths) or with guidance."""
+  entry = objectives.entry(config.method)
+  if teacher.kind not in entry.teacher_kinds:
+    raise ConfigError(
+        f"config.teacher.workdir={teacher.source} is a {teacher.kind} model; method "
+        f"{config.method!r} needs a teacher of kind {' or '.join(entry.teacher_kinds)} (a "
+        "flow-matching run or ReFlow round is a velocity model; a distilled few-step student "
+        "is a flow map)")
+  if teacher.kind != "velocity":
+    o = config.objective
+    dst = paths.get_path(o.path, o.sigma_d)
+    if (teacher.path.name, teacher.path.sigma_d) != (dst.name, dst.sigma_d):
+      raise ConfigError(f"config.objective.path={o.path!r} differs from the path of the "
+                        f"flow-map teacher {teacher.source} ({teacher.path.name!r}); flow-map "
+                        "teachers are not converted between paths")
+    if config.teacher.guidance != 1.0:
+      raise ConfigError(f"config.teacher.guidance={config.teacher.guidance} applies to velocity "
+                        f"teachers; the flow-map teacher {teacher.source} already carries the "
+                        "guidance it was distilled with (use 1.0)")
 
 
 def _native(tconfig) -> tuple:
@@ -60,9 +98,12 @@ def init_mismatches(config: ml_collections.ConfigDict, teacher: Teacher) -> list
 
 
 def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
-  """``teacher(x, t, s, cond)``: the guided teacher velocity on the student's path."""
+  """``teacher(x, t, s, cond)``: the guided teacher velocity on the student's path; for a
+  flow-map teacher (``kind != 'velocity'``), a ``flowmap.FlowMapTeacher`` (``.jump``)."""
   if teacher is None:
     return None
+  if teacher.kind != "velocity":
+    return flowmap.flowmap_teacher(teacher.net, params, teacher.param, teacher.source)
   o = config.objective
   return flowmap.teacher_network(
       teacher.net, params, teacher.param, teacher.path, paths.get_path(o.path, o.sigma_d),
@@ -125,7 +166,8 @@ def pair_source(config, teacher: Teacher, workdir: str, progress: bool = True
               solver=tc.pair_solver, nfe=tc.pair_nfe, pair_steps=k, path=o.path,
               seed=config.seed)
   directory = tc.pair_cache or os.path.join(workdir, "pairs")
-  arrays = pairs.build_cache(directory, gen, tc.pair_num, tc.pair_chunk, meta, progress)
+  arrays = pairs.build_cache(directory, gen, tc.pair_num, tc.pair_chunk, meta, progress,
+                             jax.process_index(), jax.process_count())
 
   def get(idx):
     out = {"traj": arrays["traj"][idx], "x": arrays["traj"][idx, -1]}
