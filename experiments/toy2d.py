@@ -37,6 +37,8 @@ def method_config(method: str, toy: str = "checkerboard", steps: int = 0, seed: 
     c.parts.critic.lr = 1e-3
   if method == "dmd":
     c.train.update(steps=1500, lr=2e-4, warmup_steps=0)
+  if method == "progressive":  # per stage; a 64 -> 1 chain has 6 stages
+    c.train.update(steps=1000, lr=5e-4, warmup_steps=0)
   if entry.tangent and "tangent_warmup" in c.objective:
     c.objective.tangent_warmup = 1000
   if steps:
