@@ -15,7 +15,10 @@ separate EMA target (one more forward pass).
 ``quality``: ``fmdistill.eval.report.evaluate_runs`` on the teacher run and every student run
 found under ``--runs`` (``--train`` first trains the missing ones with
 ``experiments/toy2d.py:<method>``), then a table of sliced W2 at 1/2/4 NFE against the
-teacher's 64-NFE value and the data-vs-data floor.
+teacher's 64-NFE value and the data-vs-data floor. ``reflow`` and ``progressive`` run their
+stage chains from ``--teacher`` (one row per stage, ReFlow rounds with their straightness);
+``shortcut``, ``splitmeanflow`` and ``tri_consistency`` start from the teacher's weights;
+``method@key=value`` overrides an objective field (``tri_consistency@split=backward``).
 """
 from __future__ import annotations
 
@@ -185,8 +188,12 @@ def quality(args) -> str:
       continue
     wd = os.path.join(args.runs, m)
     if args.train and not runs_lib.is_finished(wd):
-      c = toy2d.method_config(m, args.toy)
-      if objectives.entry(m).needs_teacher or m in TEACHER_INIT:
+      name, _, over = m.partition("@")  # 'tri_consistency@split=backward': objective overrides
+      c = toy2d.method_config(name, args.toy)
+      for item in filter(None, over.split("@")):
+        k, v = item.split("=", 1)
+        c.objective[k] = type(c.objective[k])(v)
+      if objectives.entry(name).needs_teacher or name in TEACHER_INIT:
         c.teacher.workdir = args.teacher
       train.train_and_evaluate(c, wd, progress=False)
     if os.path.exists(os.path.join(wd, "checkpoints")):
