@@ -15,7 +15,10 @@ separate EMA target (one more forward pass).
 ``quality``: ``fmdistill.eval.report.evaluate_runs`` on the teacher run and every student run
 found under ``--runs`` (``--train`` first trains the missing ones with
 ``experiments/toy2d.py:<method>``), then a table of sliced W2 at 1/2/4 NFE against the
-teacher's 64-NFE value and the data-vs-data floor.
+teacher's 64-NFE value and the data-vs-data floor. ``reflow`` and ``progressive`` run their
+stage chains from ``--teacher`` (one row per stage, ReFlow rounds with their straightness);
+``shortcut``, ``splitmeanflow`` and ``tri_consistency`` start from the teacher's weights;
+``method@key=value`` overrides an objective field (``tri_consistency@split=backward``).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fmdistill import flowmap, models, objectives, paths, runs  # noqa: E402
+from fmdistill import flowmap, models, objectives, paths, runs as runs_lib  # noqa: E402
 from fmdistill.config import base  # noqa: E402
 from fmdistill.objectives import _common  # noqa: E402
 
@@ -157,6 +160,25 @@ def speed(args) -> str:
 # ----------------------------------------------------------------------------- quality
 
 
+# stage chains (issue 11): ReFlow rounds and progressive halving, run from --teacher
+CHAINS = ("reflow", "progressive")
+# self-distillation methods that start from the teacher's weights (their losses need no teacher)
+TEACHER_INIT = ("shortcut", "splitmeanflow", "tri_consistency")
+
+
+def _chain_runs(m, args, toy2d) -> dict:
+  """Train (``--train``) the chain ``m`` from ``--teacher``; ``{stage: workdir}`` of its
+  finished-or-started stages (a rerun resumes: finished stages are skipped)."""
+  from fmdistill import main as main_lib
+  c = toy2d.get_config(f"{m},toy={args.toy},teacher={os.path.abspath(args.teacher)}"
+                       + (",distill=True" if m == "reflow" else ""))
+  wd = os.path.join(args.runs, m)
+  if args.train:
+    main_lib.run(c, wd, progress=False, evaluate=False)
+  return {f"{m}:{n}": os.path.join(wd, n) for n in c.stage_order
+          if os.path.exists(os.path.join(wd, n, "checkpoints"))}
+
+
 def quality(args) -> str:
   from fmdistill import train
   from fmdistill.eval import report
@@ -164,10 +186,17 @@ def quality(args) -> str:
   import toy2d
   run_dirs = {"teacher": args.teacher}
   for m in args.methods.split(","):
+    if m in CHAINS:
+      run_dirs.update(_chain_runs(m, args, toy2d))
+      continue
     wd = os.path.join(args.runs, m)
-    if args.train and not runs.is_finished(wd):  # resumes an interrupted run
-      c = toy2d.method_config(m, args.toy)
-      if objectives.entry(m).needs_teacher or m in FAMILY:
+    if args.train and not runs_lib.is_finished(wd):  # resumes an interrupted run
+      name, _, over = m.partition("@")  # 'tri_consistency@split=backward': objective overrides
+      c = toy2d.method_config(name, args.toy)
+      for item in filter(None, over.split("@")):
+        k, v = item.split("=", 1)
+        c.objective[k] = type(c.objective[k])(v)
+      if objectives.entry(name).needs_teacher or name in FAMILY + TEACHER_INIT:
         c.teacher.workdir = args.teacher
       train.train_and_evaluate(c, wd, progress=False)
     if os.path.exists(os.path.join(wd, "checkpoints")):
@@ -179,16 +208,20 @@ def quality(args) -> str:
   lines = [f"Toy {args.toy}: sliced W2 to held-out data ({res['num_samples']} samples); "
            f"floor (data vs data) {floor:.4f}; teacher (Euler) "
            + ", ".join(f"{k} NFE {v['sliced_w2']:.4f}" for k, v in t.items())
-           + ".", "",
-           "| student | steps | 1 NFE | 2 NFE | 4 NFE | 1 NFE / teacher@64 | 2 NFE / teacher@64 |",
-           "|---|---|---|---|---|---|---|"]
+           + f"; teacher straightness S(Z) {res['runs']['teacher'].get('straightness', 0):.4f}."
+           + " ODE students (ReFlow rounds) are sampled with Euler, S(Z) is their straightness.",
+           "",
+           "| student | steps | 1 NFE | 2 NFE | 4 NFE | 1 NFE / teacher@64 | 2 NFE / teacher@64 "
+           "| S(Z) |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, r in res["runs"].items():
     if name == "teacher":
       continue
     q = {int(k): v["sliced_w2"] for k, v in r["nfe"].items()}
-    steps = runs.read_config(r["workdir"]).train.steps
+    steps = runs_lib.read_config(r["workdir"]).train.steps
+    s = f"{r['straightness']:.4f}" if "straightness" in r else ""
     lines.append(f"| {name} | {steps} | {q[1]:.4f} | {q[2]:.4f} | {q[4]:.4f} | {q[1] / t64:.2f} "
-                 f"| {q[2] / t64:.2f} |")
+                 f"| {q[2] / t64:.2f} | {s} |")
   return "\n".join(lines)
 
 

@@ -5,13 +5,15 @@
   classifier-free guidance through ``--config.teacher.guidance``).
 * any registered method: distillation methods need ``--config.teacher.workdir=<a finished
   digits flow_matching run>`` and start from the teacher's weights.
+* ``reflow`` (keys ``rounds``, ``distill``) and ``progressive`` (keys ``start``, ``end``): stage
+  chains (``fmdistill.chains``) from a teacher stage or ``teacher=<a finished run>``.
 
-Keys: ``steps`` (0 = the method's default budget), ``seed``. Images are in [-1, 1]
+Keys: ``steps`` (0 = the method's default budget), ``seed``, and the chain keys above. Images are in [-1, 1]
 (``sigma_d = 0.5`` for TrigFlow, as sCM uses for such data); quality is reported as sliced W2
 and a Frechet distance on the features of a small classifier trained on the same data
 (``fmdistill.eval.report``). Per-method settings come from the registry traits.
 """
-from fmdistill import config as config_lib, objectives
+from fmdistill import chains, config as config_lib, objectives
 
 
 def method_config(method: str, steps: int = 0, seed: int = 0):
@@ -37,6 +39,8 @@ def method_config(method: str, steps: int = 0, seed: int = 0):
     c.parts.critic.lr = 2e-4
   if method in ("dmd", "dmd2", "dmd_v1", "vsd", "sid"):  # distribution matching (fake score)
     c.train.update(steps=3000, lr=1e-4, warmup_steps=0)
+  if method == "progressive":  # per stage
+    c.train.update(steps=1500, warmup_steps=0)
   if entry.tangent and "tangent_warmup" in c.objective:
     c.objective.tangent_warmup = 1000
   if c.objective.path == "trigflow":
@@ -47,5 +51,16 @@ def method_config(method: str, steps: int = 0, seed: int = 0):
 
 
 def get_config(arg: str = "flow_matching"):
-  a = config_lib.parse_arg(arg, method="flow_matching", steps=0, seed=0)
-  return method_config(a.method, a.steps, a.seed)
+  a = config_lib.parse_arg(arg, method="flow_matching", steps=0, seed=0, rounds=2,
+                           distill=False, start=64, end=1, teacher="")
+  if a.method not in ("reflow", "progressive"):
+    return method_config(a.method, a.steps, a.seed)
+  teacher = a.teacher or method_config("flow_matching", a.steps, a.seed)
+  stage = lambda m: method_config(m, a.steps, a.seed)
+  if a.method == "reflow":
+    return chains.reflow(teacher, lambda k: stage("reflow"), a.rounds,
+                         stage("direct_distill") if a.distill else None,
+                         description=f"ReFlow, {a.rounds} round(s), on 8x8 digits.")
+  return chains.progressive(teacher, lambda n: stage("progressive"), a.start, a.end,
+                            description=f"Progressive distillation {a.start} -> {a.end} steps "
+                            "on 8x8 digits.")

@@ -6,11 +6,16 @@
   method alone; distillation methods need ``--config.teacher.workdir=<a finished
   flow_matching run>`` and start from the teacher's weights.
 
+* ``reflow`` (keys ``rounds=2``, ``distill=False``) and ``progressive`` (keys ``start=64``,
+  ``end=1``): stage chains (``fmdistill.chains``) from a flow-matching teacher trained as their
+  first stage, or from ``teacher=<a finished flow_matching run>``.
+
 Keys: ``toy`` (checkerboard, moons, spirals, eight_gaussians, gmm), ``steps`` (0 = the
-method's default budget), ``seed``. Example: ``experiments/toy2d.py:meanflow,toy=moons``.
+method's default budget), ``seed``. Example: ``experiments/toy2d.py:meanflow,toy=moons``,
+``experiments/toy2d.py:reflow,rounds=2``, ``experiments/toy2d.py:progressive,start=64``.
 Per-method settings come from the method's registry traits (``fmdistill.objectives``).
 """
-from fmdistill import config as config_lib, objectives
+from fmdistill import chains, config as config_lib, objectives
 
 
 def method_config(method: str, toy: str = "checkerboard", steps: int = 0, seed: int = 0):
@@ -32,6 +37,8 @@ def method_config(method: str, toy: str = "checkerboard", steps: int = 0, seed: 
     c.parts.critic.lr = 1e-3
   if method in ("dmd", "dmd2", "dmd_v1", "vsd", "sid"):  # distribution matching (fake score)
     c.train.update(steps=1500, lr=2e-4, warmup_steps=0)
+  if method == "progressive":  # per stage; a 64 -> 1 chain has 6 stages
+    c.train.update(steps=1000, lr=5e-4, warmup_steps=0)
   if entry.tangent and "tangent_warmup" in c.objective:
     c.objective.tangent_warmup = 1000
   if steps:
@@ -39,8 +46,29 @@ def method_config(method: str, toy: str = "checkerboard", steps: int = 0, seed: 
   return c
 
 
+def chain_config(a):
+  """``reflow`` (``rounds``, ``distill``) and ``progressive`` (``start`` -> ``end`` steps) stage
+  chains; ``teacher=<workdir>`` distils a finished flow-matching run instead of training one."""
+  teacher = a.teacher or method_config("flow_matching", a.toy, a.steps, a.seed)
+  stage = lambda m: method_config(m, a.toy, a.steps, a.seed)
+  if a.method == "reflow":
+    def make_round(k):
+      c = stage("reflow")
+      c.objective.pair_steps = 1
+      return c
+    return chains.reflow(teacher, make_round, a.rounds,
+                         stage("direct_distill") if a.distill else None,
+                         description=f"ReFlow, {a.rounds} round(s), on the 2-D {a.toy}.")
+  return chains.progressive(teacher, lambda n: stage("progressive"), a.start, a.end,
+                            description=f"Progressive distillation {a.start} -> {a.end} steps "
+                            f"on the 2-D {a.toy}.")
+
+
 def get_config(arg: str = "quickstart"):
-  a = config_lib.parse_arg(arg, method="quickstart", toy="checkerboard", steps=0, seed=0)
+  a = config_lib.parse_arg(arg, method="quickstart", toy="checkerboard", steps=0, seed=0,
+                           rounds=2, distill=False, start=64, end=1, teacher="")
+  if a.method in ("reflow", "progressive"):
+    return chain_config(a)
   if a.method != "quickstart":
     return method_config(a.method, a.toy, a.steps, a.seed)
   return config_lib.chain(

@@ -129,6 +129,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   except (KeyError, AttributeError, TypeError) as e:
     raise ConfigError(f"config.objective does not fit method {c.method!r}: {e}") from None
   o = c.objective
+  if objectives.entry(c.method).check is not None:
+    objectives.entry(c.method).check(c)
   _check(o.path in paths.PATHS, "objective.path", o.path, sorted(paths.PATHS))
   _check(o.param in flowmap.PARAMETERIZATIONS, "objective.param", o.param,
          list(flowmap.PARAMETERIZATIONS))

@@ -171,6 +171,34 @@ def teacher_network(net: Net, params: Any, param: Parameterization, src_path, ds
 
 
 @dataclasses.dataclass(frozen=True)
+class FlowMapTeacher:
+  """A frozen flow-map teacher, e.g. the previous stage of progressive distillation (its
+  result is a few-step map, not a velocity model).
+
+  ``jump(x, t, s, cond) = f(x, t, s)`` under ``stop_gradient``. There is no instantaneous
+  velocity to offer (a distilled map is not trained at ``s = t``), so calling it like a velocity
+  teacher, ``teacher(x, t, t, cond)``, raises ``TypeError`` naming the run.
+  """
+  jump_fn: Callable
+  source: str = ""
+
+  def jump(self, x: Array, t: Array, s: Array, cond: Array | None = None) -> Array:
+    return jax.lax.stop_gradient(self.jump_fn(x, t, s, cond))
+
+  def __call__(self, *args, **kwargs):
+    raise TypeError(f"the teacher {self.source or ''} is a flow map (a few-step student), not "
+                    "a velocity model; call teacher.jump(x, t, s, cond), or use a method whose "
+                    "registry entry lists 'flowmap' in teacher_kinds")
+
+
+def flowmap_teacher(net: Net, params: Any, param: Parameterization, source: str = ""
+                    ) -> FlowMapTeacher:
+  """Bind a frozen flow-map network (its parameterisation ``param``) as a ``FlowMapTeacher``."""
+  return FlowMapTeacher(lambda x, t, s, cond=None: param.apply(net, params, x, t, s, cond),
+                        source)
+
+
+@dataclasses.dataclass(frozen=True)
 class Reparameterized:
   """A network trained for one (parameterisation, path) presented in another.
 

@@ -38,10 +38,22 @@ class Teacher(struct.PyTreeNode):
   # for: (param name, path name, sigma_d)
   identity: tuple = struct.field(pytree_node=False, default=())  # sorted (key, value) pairs:
   # workdir, step, which, method, params_sha256
+  kind: str = struct.field(pytree_node=False, default="velocity")  # kind_of(its method)
+  source: str = struct.field(pytree_node=False, default="")  # its workdir and method
 
   @property
   def ident(self) -> dict:
     return dict(self.identity)
+
+
+def kind_of(method: str) -> str:
+  """What a finished run of ``method`` offers a student: ``'velocity'`` (an ODE model, e.g.
+  flow matching or a ReFlow round), ``'flowmap'`` (a few-step map ``f(x, t, s)``, e.g. a
+  progressive-distillation stage) or ``'consistency'`` (a map to ``s = 0`` only)."""
+  entry = objectives.entry(method)
+  if entry.sampler == "ode":
+    return "velocity"
+  return "consistency" if entry.consistency else "flowmap"
 
 
 def velocity_methods() -> list[str]:
@@ -66,10 +78,12 @@ def load(config: ml_collections.ConfigDict, student_workdir: str | None = None
   if not tc.workdir:
     return None
   tconfig = runs.read_config(tc.workdir)
-  if objectives.entry(tconfig.method).sampler != "ode":
+  kind, kinds = kind_of(tconfig.method), objectives.entry(config.method).teacher_kinds
+  if kind not in kinds:
     raise TeacherError(
-        f"config.teacher.workdir={tc.workdir!r} is a {tconfig.method!r} run, a flow map and "
-        f"not a velocity model; a teacher must be a run of {velocity_methods()}")
+        f"config.teacher.workdir={tc.workdir!r} is a {tconfig.method!r} run, a {kind} model; "
+        f"method {config.method!r} needs a teacher of kind {' or '.join(kinds)} (velocity "
+        f"models: runs of {velocity_methods()}; flow maps: distilled few-step students)")
   pin = _pinned(config, student_workdir)
   run = runs.load_run(tc.workdir, tc.which, step=None if pin is None else _pin_step(pin, tc))
   if pin is None and not run.finished and not tc.get("allow_unfinished", False):
@@ -95,7 +109,8 @@ def load(config: ml_collections.ConfigDict, student_workdir: str | None = None
   return Teacher(net, flowmap.Parameterization(o.param, o.sigma_d),
                  paths.get_path(o.path, o.sigma_d), params,
                  tuple((k, tconfig.model.get(k, _LEGACY.get(k))) for k in models.FUNCTION_FIELDS),
-                 _native(tconfig), tuple(sorted(ident.items())))
+                 _native(tconfig), tuple(sorted(ident.items())), kind,
+                 f"{config.teacher.workdir!r} ({tconfig.method})")
 
 
 def _pin_step(pin: dict, tc) -> int:
@@ -105,6 +120,23 @@ def _pin_step(pin: dict, tc) -> int:
         f"this student started from step {step} of teacher run {tc.workdir!r}, which no longer "
         "has that checkpoint; restore it, or start the student in a new --workdir")
   return step
+
+
+def check_kind(config: ml_collections.ConfigDict, teacher: Teacher) -> None:
+  """Refuse a flow-map teacher the method cannot use (one line naming it): one on another
+  path (maps are not converted between paths) or with guidance. (A teacher of a kind the
+  method cannot use at all is refused by ``load``.)"""
+  if teacher.kind != "velocity":
+    o = config.objective
+    dst = paths.get_path(o.path, o.sigma_d)
+    if (teacher.path.name, teacher.path.sigma_d) != (dst.name, dst.sigma_d):
+      raise ConfigError(f"config.objective.path={o.path!r} differs from the path of the "
+                        f"flow-map teacher {teacher.source} ({teacher.path.name!r}); flow-map "
+                        "teachers are not converted between paths")
+    if config.teacher.guidance != 1.0:
+      raise ConfigError(f"config.teacher.guidance={config.teacher.guidance} applies to velocity "
+                        f"teachers; the flow-map teacher {teacher.source} already carries the "
+                        "guidance it was distilled with (use 1.0)")
 
 
 def _native(tconfig) -> tuple:
@@ -124,9 +156,12 @@ def init_mismatches(config: ml_collections.ConfigDict, teacher: Teacher) -> list
 
 
 def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
-  """``teacher(x, t, s, cond)``: the guided teacher velocity on the student's path."""
+  """``teacher(x, t, s, cond)``: the guided teacher velocity on the student's path; for a
+  flow-map teacher (``kind != 'velocity'``), a ``flowmap.FlowMapTeacher`` (``.jump``)."""
   if teacher is None:
     return None
+  if teacher.kind != "velocity":
+    return flowmap.flowmap_teacher(teacher.net, params, teacher.param, teacher.source)
   o = config.objective
   return flowmap.teacher_network(
       teacher.net, params, teacher.param, teacher.path, paths.get_path(o.path, o.sigma_d),
@@ -203,7 +238,8 @@ def pair_source(config, teacher: Teacher, workdir: str, progress: bool = True
   meta = pair_cache_meta(config, teacher)
   directory = os.path.join(tc.pair_cache or os.path.join(workdir, "pairs"),
                            pair_cache_key(meta))
-  arrays = pairs.build_cache(directory, gen, tc.pair_num, tc.pair_chunk, meta, progress)
+  arrays = pairs.build_cache(directory, gen, tc.pair_num, tc.pair_chunk, meta, progress,
+                             jax.process_index(), jax.process_count())
 
   def get(idx):
     out = {"traj": arrays["traj"][idx], "x": arrays["traj"][idx, -1]}

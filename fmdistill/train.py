@@ -73,6 +73,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
       config.objective.curriculum_steps = config.train.steps
   entry = objectives.entry(config.method)
   teacher = teacher_lib.load(config, workdir)
+  if teacher is not None:
+    teacher_lib.check_kind(config, teacher)  # e.g. a flow-map stage on another path
   if entry.needs_teacher and teacher is None:
     raise ConfigError(f"method {config.method!r} distils a teacher: set config.teacher.workdir "
                       "to a finished flow-matching run")

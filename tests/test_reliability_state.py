@@ -307,8 +307,8 @@ def test_unfinished_and_non_velocity_teachers_are_refused(teachers, tmp_path):
   c.teacher.allow_unfinished = True
   _, t, _, _ = train.setup(c, str(tmp_path / "b"))
   assert t.ident["step"] == 5
-  with pytest.raises(TeacherError, match=r"is a 'meanflow' run, a flow map and not a velocity "
-                     r"model; a teacher must be a run of \['flow_matching'"):
+  with pytest.raises(TeacherError, match=r"is a 'meanflow' run, a flowmap model; method .* needs "
+                     r"a teacher of kind velocity \(velocity models: runs of \['flow_matching'"):
     train.setup(_student(mf), str(tmp_path / "c"))
 
 

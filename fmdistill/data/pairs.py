@@ -5,12 +5,14 @@ usually the expensive step").
 Chunks are written as ``chunk_XXXXX.npz`` through a temporary file and an atomic rename, so a
 process killed mid-way leaves only complete chunks; a restart generates just the missing ones.
 ``meta.json`` records what the cache was built with; a cache built with other settings is
-refused rather than mixed.
+refused rather than mixed. In a multi-process run (a shared directory) chunk ``c`` has one
+writer, process ``c % process_count``; the others wait for its file to appear.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable
 
 import numpy as np
@@ -18,11 +20,15 @@ from tqdm import tqdm
 
 
 def build_cache(directory: str, generate: Callable[[int, int], dict], num: int, chunk: int,
-                meta: dict, progress: bool = True) -> dict:
+                meta: dict, progress: bool = True, process_index: int = 0,
+                process_count: int = 1, wait_s: float = 3600.0) -> dict:
   """Fill ``directory`` with ``ceil(num / chunk)`` chunks and return their concatenation.
 
   ``generate(chunk_index, chunk_size) -> {name: array (chunk_size, ...)}`` must be a pure
-  function of its arguments (seed it from the chunk index).
+  function of its arguments (seed it from the chunk index). Process ``process_index`` of
+  ``process_count`` writes the chunks ``c`` with ``c % process_count == process_index`` (its
+  own first, so no process waits while it could work) and reads the others' once they appear,
+  waiting at most ``wait_s`` seconds for each (``TimeoutError`` naming the file).
   """
   os.makedirs(directory, exist_ok=True)
   meta = dict(meta, num=num, chunk=chunk)
@@ -39,14 +45,28 @@ def build_cache(directory: str, generate: Callable[[int, int], dict], num: int, 
       json.dump(meta, f, indent=1, sort_keys=True)
     os.replace(tmp, meta_path)
   n_chunks = -(-num // chunk)
-  parts = []
-  for c in tqdm(range(n_chunks), desc="teacher pairs", disable=not progress, leave=False):
-    path = os.path.join(directory, f"chunk_{c:05d}.npz")
+  chunk_path = lambda c: os.path.join(directory, f"chunk_{c:05d}.npz")
+  mine = [c for c in range(n_chunks) if c % process_count == process_index]
+  for c in tqdm(mine, desc="teacher pairs", disable=not progress, leave=False):
+    path = chunk_path(c)
     if not os.path.exists(path):
       arrays = {k: np.asarray(v) for k, v in generate(c, chunk).items()}
-      tmp = f"{path}.tmp{os.getpid()}.npz"  # several processes may write the same chunk
+      tmp = f"{path}.tmp{os.getpid()}.npz"  # atomic: a reader never sees a partial chunk
       np.savez(tmp, **arrays)
       os.replace(tmp, path)
-    with np.load(path) as z:
+  parts = []
+  for c in range(n_chunks):
+    _wait_for(chunk_path(c), wait_s)
+    with np.load(chunk_path(c)) as z:
       parts.append({k: z[k] for k in z.files})
   return {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}
+
+
+def _wait_for(path: str, timeout: float) -> None:
+  """Block until another process's chunk ``path`` exists."""
+  t0 = time.time()
+  while not os.path.exists(path):
+    if time.time() - t0 > timeout:
+      raise TimeoutError(f"pair cache chunk {path} did not appear within {timeout:.0f} s (its "
+                         "writer is another process of this run)")
+    time.sleep(0.5)

@@ -9,8 +9,8 @@ import time
 import jax
 import numpy as np
 
-from fmdistill import data, objectives, runs as runs_lib
-from fmdistill.eval import classifier, evaluate, plots
+from fmdistill import data, flowmap, objectives, paths, runs as runs_lib
+from fmdistill.eval import classifier, evaluate, plots, straightness
 
 
 def _features(config, workdir: str):
@@ -79,12 +79,29 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
     result["runs"][name] = {"method": config.method, "sampler": sampler, "workdir": wd,
                             "step": run.step, "steps": run.steps, "finished": run.finished,
                             "which": run.which, "nfe": per_nfe}
+    if sampler == "ode":  # ReFlow rounds, teachers: how straight the learned flow is
+      result["runs"][name]["straightness"] = ode_straightness(config, net, params, seed,
+                                                              len(reference))
     curves[name] = {k: v["sliced_w2"] for k, v in per_nfe.items()}
   plots.quality_figure(curves, floor["sliced_w2"], "sliced W2",
                        os.path.join(out_dir, "quality_vs_nfe.png"))
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result
+
+
+def ode_straightness(config, net, params, seed: int, n: int, steps: int = 64) -> float:
+  """``S(Z)`` (``eval.straightness``) of a velocity model's flow from ``n`` noise samples along
+  its ``steps``-step Euler trajectory (unconditional; with labels, random classes)."""
+  o = config.objective
+  path = paths.get_path(o.path, o.sigma_d)
+  param = flowmap.Parameterization(o.param, o.sigma_d)
+  kx, kc = jax.random.split(jax.random.PRNGKey(seed + 7))
+  x = path.sigma(jax.numpy.float32(path.T)) * jax.random.normal(
+      kx, (n,) + tuple(config.data_shape))
+  cond = jax.random.randint(kc, (n,), 0, o.num_classes) if o.num_classes else None
+  v = lambda x_, t_: param.velocity(net, params, x_, t_, cond)
+  return float(jax.jit(lambda x_: straightness.straightness(v, x_, path.T, steps))(x))
 
 
 def markdown(result: dict, title: str, extra: str = "") -> str:
@@ -113,6 +130,12 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
     for nfe, q in r["nfe"].items():
       lines.append(f"| {name} | {r['method']} | {nfe} | "
                    + " | ".join(f"{q[k]:.4g}" for k in keys) + f" | {q['seconds']:.2f} |")
+  straight = {n: r["straightness"] for n, r in result["runs"].items() if "straightness" in r}
+  if straight:
+    lines += ["", "Straightness `S(Z) = int E||(Z_1 - Z_0) - dZ_t/dt||^2 dt` of each velocity "
+              "model's flow (64 Euler steps from noise; 0 = straight lines, one Euler step "
+              "exact):", "", "| run | S(Z) |", "|---|---|"]
+    lines += [f"| {n} | {v:.4g} |" for n, v in straight.items()]
   lines += ["", "![quality vs NFE](quality_vs_nfe.png)", ""]
   for name in result["runs"]:
     lines += [f"![{name} samples](samples_{name}.png)", ""]

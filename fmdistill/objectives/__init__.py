@@ -94,6 +94,10 @@ class Objective:
   """A registered method and its traits.
 
   * ``needs_teacher``: distils a frozen teacher (``config.teacher.workdir`` or a chain stage).
+  * ``teacher_kinds``: the kinds of teacher run the loss can use (``fmdistill.teacher.kind_of``):
+    ``'velocity'`` (a flow-matching run, called as ``teacher(x, t, t, cond)``), ``'flowmap'`` (a
+    flow-map student, bound as ``flowmap.FlowMapTeacher``: ``teacher.jump(x, t, s, cond)``), or
+    ``'consistency'`` (a map to ``s = 0`` only). Any other kind is refused before training.
   * ``batch``: ``'data'`` or ``'teacher_pairs'`` (a cache of teacher ODE trajectories).
   * ``parts``: ``{name: Part}``, the extra trainable things (critics, discriminators, learned
     weightings).
@@ -103,16 +107,20 @@ class Objective:
   * ``consistency``: the map is trained to ``s = 0`` only, so multistep sampling denoises to 0
     and re-noises (``eval_gamma = 1``: consistency multistep); otherwise flow-map jumps
     (``eval_gamma = 0``).
+  * ``check(config)``: the method's own config checks, run by ``config.validate`` before
+    anything is written (raise ``fmdistill.errors.ConfigError`` naming the field), or ``None``.
   """
   name: str
   loss: Loss
   defaults: Callable[[], ml_collections.ConfigDict]
   needs_teacher: bool = False
+  teacher_kinds: tuple = ("velocity",)
   batch: str = "data"
   parts: dict = dataclasses.field(default_factory=dict)
   sampler: str = "flowmap"
   tangent: bool = False
   consistency: bool = False
+  check: Callable[[ml_collections.ConfigDict], None] | None = None
   doc: str = ""
 
   @property

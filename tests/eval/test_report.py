@@ -21,5 +21,7 @@ def test_image_report_has_frechet_distance_and_floor(tmp_path):
   assert q["fd"] > result["noise_floor"]["fd"]  # a 4-step model is far from the data
   assert os.path.exists(tmp_path / "classifier.npz")  # cached for the next evaluation
   assert os.path.exists(tmp_path / "samples_run.png")
+  assert result["runs"]["run"]["straightness"] > 0  # an ODE model: S(Z) of its flow
   md = report.markdown(json.loads(json.dumps(result)), "t")
   assert "| fd |" in md or " fd " in md
+  assert "| run | S(Z) |" in md
