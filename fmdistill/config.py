@@ -13,7 +13,7 @@ import math
 import jax
 import ml_collections
 
-from fmdistill import flowmap, models, objectives, parallel, paths, sampling
+from fmdistill import flowmap, models, objectives, parallel, paths, sampling, state
 from fmdistill.data import toy
 from fmdistill.errors import ConfigError
 
@@ -168,6 +168,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps", t.warmup_steps, ">= 0")
   _check(all(0 < d < 1 for d in c.train.ema_decays), "train.ema_decays", c.train.ema_decays,
          "decays in (0, 1)")
+  if o.get("target_ema", ""):
+    _check(o.target_ema in state.ema_names(c.train), "objective.target_ema", o.target_ema,
+           f"'' (stop-gradient of the student) or one of {state.ema_names(c.train)}")
   mesh = parallel.mesh_shape(c.mesh, jax.device_count())
   shards = mesh[0] * mesh[1]
   _check(c.train.batch_size % shards == 0, "train.batch_size", c.train.batch_size,
