@@ -60,6 +60,7 @@ sg = jax.lax.stop_gradient
 def defaults():
   cfg = _common.base_config(time_sampler="uniform")
   cfg.corrector_weight = 1.0
+  cfg.balance = "adaptive"            # or 'fixed' (L_pred + corrector_weight L_corr)
   cfg.r_min, cfg.r_max = 0.02, 0.98   # noise levels of the corrector and the critic, x T
   return cfg
 
@@ -102,8 +103,10 @@ def _noised(key, x0, cfg):
 
 
 def corrector(x_hat, teacher, critic, key, cond, cfg):
-  """``(L_corr, velocity gap)``; ``x_hat`` the student's one-step samples (differentiable),
-  ``critic(x, r, cond)`` the frozen noising velocity ``v_N`` (module docstring)."""
+  """``(L_corr, step, velocity gap)``: ``x_hat`` the student's one-step samples (differentiable),
+  ``critic(x, r, cond)`` the frozen noising velocity ``v_N``; ``step (B, ...)`` is the
+  DMD-normalised move ``(D_teacher - D_N) / w`` of each sample (module docstring) and
+  ``L_corr = 1/2 ||x^ - sg(x^ + step)||^2``."""
   path = _common.path_of(cfg)
   r, _, x_r = _noised(key, sg(x_hat), cfg)
   v_t = sg(teacher(x_r, r, r, cond)).astype(jnp.float32)
@@ -112,9 +115,13 @@ def corrector(x_hat, teacher, critic, key, cond, cfg):
   d_n, _ = path.denoise(x_r.astype(jnp.float32), v_n, r)
   x32 = sg(x_hat).astype(jnp.float32)
   w = jnp.mean(jnp.abs(x32 - d_t).reshape(x32.shape[0], -1), axis=-1) + 1e-6
-  target = sg(x32 + (d_t - d_n) / bcast(w, x32))
-  loss = 0.5 * jnp.mean(_common.mean_sq(x_hat.astype(jnp.float32) - target))
-  return loss, jnp.mean(_common.mean_sq(v_n - v_t))
+  move = (d_t - d_n) / bcast(w, x32)
+  loss = 0.5 * jnp.mean(_common.mean_sq(x_hat.astype(jnp.float32) - sg(x32 + move)))
+  return loss, move, jnp.mean(_common.mean_sq(v_n - v_t))
+
+
+def _rms(x):
+  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
 def freeflow_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=0,
@@ -135,10 +142,16 @@ def freeflow_loss(params, batch, key, *, net, teacher, critic, ema_params=None, 
   F, res, F_m = predictor(net, params, ema_params, teacher, x_T, path.T, s, cond,
                           fused=not cfg.target_ema)
   pred = jnp.mean(_common.mean_sq(F.astype(jnp.float32) - sg(F_m.astype(jnp.float32) - res)))
-  corr, gap = corrector(one_step(net, params, x_T, cond, cfg), teacher, critic, kc, cond, cfg)
-  loss = pred + cfg.corrector_weight * corr
+  corr, move, gap = corrector(one_step(net, params, x_T, cond, cfg), teacher, critic, kc, cond,
+                              cfg)
+  weight = cfg.corrector_weight
+  if cfg.balance == "adaptive":  # the corrector's step in F as large as the predictor's
+    weight = weight * sg(_rms(res) / (path.T * _rms(move) + 1e-8))
+  elif cfg.balance != "fixed":
+    raise ValueError(f"balance must be 'adaptive' or 'fixed', got {cfg.balance!r}")
+  loss = pred + weight * corr
   return loss, {"loss": loss, "predictor": pred, "corrector": corr, "velocity_gap": gap,
-                "mismatch_rms": jnp.sqrt(jnp.mean(_common.mean_sq(res)))}
+                "corrector_weight": weight, "mismatch_rms": _rms(res)}
 
 
 def critic_loss(critic_params, student_params, batch, key, *, net, apply, teacher=None,
