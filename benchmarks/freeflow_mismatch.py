@@ -70,7 +70,7 @@ def run_seed(args, seed: int) -> dict:
     c = toy2d.method_config(method, args.toy, args.steps, seed)
     c.teacher.workdir, c.teacher.which = teacher, "ema_0.99"
     c.objective.update(overrides)
-    wds[name] = _run(c, os.path.join(base, name))
+    wds[name] = (_run(c, os.path.join(base, name)), tuple(c.eval.student_nfe))
   n = args.samples
   ref = data.make_source(tc.data, seed).reference(n, 0)
   ref2 = data.make_source(tc.data, seed).reference(n, 1)
@@ -79,8 +79,8 @@ def run_seed(args, seed: int) -> dict:
   t_other = _samples(teacher, key_other, n, 128)  # independent teacher samples
   out = {"floors": {"teacher_vs_teacher": _dist(t_same, t_other), "data_vs_data":
                     _dist(ref, ref2), "teacher_vs_data": _dist(t_other, ref)}, "students": {}}
-  for name, wd in wds.items():
-    for nfe in (1, 2, 4):
+  for name, (wd, nfes) in wds.items():
+    for nfe in nfes:  # FreeFlow: 1 (its maps start at T only)
       x = _samples(wd, key, n, nfe)
       paired = float(np.sqrt(np.mean(np.sum((x - t_same) ** 2, -1))))
       out["students"][(name, nfe)] = (*_dist(x, t_other), *_dist(x, ref), paired)
@@ -99,7 +99,7 @@ def table(results: list[dict], args) -> str:
            f"{fl['teacher_vs_data'][1]:.5f}** (the mismatch).", "",
            "| student | NFE | SW2 to teacher | energy to teacher | SW2 to data | energy to data "
            "| paired RMSE to teacher's map |", "|---|---|---|---|---|---|---|"]
-  for key in results[0]["students"]:
+  for key in sorted(results[0]["students"], key=lambda k: (list(STUDENTS).index(k[0]), k[1])):
     v = mean([r["students"][key] for r in results])
     lines.append(f"| {key[0]} | {key[1]} | {v[0]:.4f} | {v[1]:.5f} | {v[2]:.4f} | {v[3]:.5f} "
                  f"| {v[4]:.4f} |")

@@ -224,8 +224,8 @@ def quality(args) -> str:
       continue
     q = {int(k): v["sliced_w2"] for k, v in r["nfe"].items()}
     steps = runs.read_config(r["workdir"]).train.steps
-    lines.append(f"| {name} | {steps} | {q[1]:.4f} | {q[2]:.4f} | {q[4]:.4f} | {q[1] / t64:.2f} "
-                 f"| {q[2] / t64:.2f} |")
+    f = lambda n, d=1.0: f"{q[n] / d:.{2 if d != 1.0 else 4}f}" if n in q else "–"
+    lines.append(f"| {name} | {steps} | {f(1)} | {f(2)} | {f(4)} | {f(1, t64)} | {f(2, t64)} |")
   return "\n".join(lines)
 
 
