@@ -147,6 +147,13 @@ def test_tvm_vanishes_at_the_exact_map_and_pulls_back():
   grad = o.jit(jax.grad(loss(cfg)))
   for p in PERTURBED:
     assert _pulled_back(grad, p) > 0.0, p
+  # the terminal term alone, its target network frozen at the exact map: it is positive off the
+  # exact map and its gradient (through d_s F) points back
+  terminal_only.target_ema = "ema"
+  frozen = o.jit(jax.value_and_grad(lambda p: tvm.tvm_loss(
+      p, batch, jax.random.key(2), net=NET, ema_params=EXACT, cfg=terminal_only)[0]))
+  for p in PERTURBED:
+    assert float(frozen(p)[0]) > 1e-3 and _pulled_back(lambda q: frozen(q)[1], p) > 0.0, p
   big = o.jit(jax.grad(lambda p: tvm.tvm_loss(p, _data(65536), jax.random.key(2), net=NET,
                                               cfg=cfg)[0]))
   g0 = float(jnp.linalg.norm(_flat(big(EXACT))))
