@@ -50,8 +50,8 @@ def _run(config, workdir: str) -> str:
   return workdir
 
 
-def _samples(workdir: str, key, n: int, nfe: int) -> np.ndarray:
-  config, net, params = runs.load_params(workdir, runs.read_config(workdir).eval.which)
+def _samples(workdir: str, key, n: int, nfe: int, which: str = "") -> np.ndarray:
+  config, net, params = runs.load_params(workdir, which or runs.read_config(workdir).eval.which)
   return evaluate.generate(config, net, params, key, n, nfe)
 
 
@@ -81,7 +81,7 @@ def run_seed(args, seed: int) -> dict:
                     _dist(ref, ref2), "teacher_vs_data": _dist(t_other, ref)}, "students": {}}
   for name, (wd, nfes) in wds.items():
     for nfe in nfes:  # FreeFlow: 1 (its maps start at T only)
-      x = _samples(wd, key, n, nfe)
+      x = _samples(wd, key, n, nfe, args.which)
       paired = float(np.sqrt(np.mean(np.sum((x - t_same) ** 2, -1))))
       out["students"][(name, nfe)] = (*_dist(x, t_other), *_dist(x, ref), paired)
   return out
@@ -91,7 +91,8 @@ def table(results: list[dict], args) -> str:
   mean = lambda vals: np.mean(np.asarray(vals), 0)
   fl = {k: mean([r["floors"][k] for r in results]) for k in results[0]["floors"]}
   lines = [f"Toy {args.toy}; teacher: flow matching, {args.teacher_steps} steps; students: "
-           f"{args.steps} steps each, same network/batch/lr, teacher-initialised; "
+           f"{args.steps} steps each, same network/batch/lr, teacher-initialised, "
+           f"evaluated with their {args.which!r} weights; "
            f"{args.samples} samples; mean over seeds {args.seeds}.",
            "", f"Floors (sliced W2 / energy): teacher vs teacher {fl['teacher_vs_teacher'][0]:.4f}"
            f" / {fl['teacher_vs_teacher'][1]:.5f}; data vs data {fl['data_vs_data'][0]:.4f} / "
@@ -114,6 +115,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--samples", type=int, default=4000)
   p.add_argument("--seeds", default="0")
+  p.add_argument("--which", default="params", help="student weights evaluated: 'params' (the "
+                 "raw weights at the end of the cosine schedule) or an EMA, e.g. 'ema_0.999'")
   args = p.parse_args()
   print(f"machine: {machine()}")
   print(f"command: python {' '.join(sys.argv)}")
