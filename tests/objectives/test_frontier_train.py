@@ -17,8 +17,10 @@ from fmdistill import flowmap, models, objectives, oracle, paths
 from fmdistill.config import base
 from test_tangent_train import one_step_error, train
 
-# measured at 400 steps when written: imf .17, imf (tangent_grad) .17, tvm .06, freeflow .04
-TOL = {"imf": 0.35, "imf_tangent_grad": 0.35, "tvm": 0.12, "freeflow": 0.1}
+# measured at 400 steps when written: imf .26, imf (tangent_grad) .24, tvm .06, freeflow .06
+# (FreeFlow's predictor alone: .02 -- the corrector's Monte-Carlo noise costs accuracy when the
+# teacher is exact; it is there for imperfect students, docs/frontier.md)
+TOL = {"imf": 0.45, "imf_tangent_grad": 0.45, "tvm": 0.12, "freeflow": 0.12}
 P = paths.linear()
 
 
