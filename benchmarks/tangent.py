@@ -199,7 +199,7 @@ def quality(args) -> str:
   from fmdistill.eval import report
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import toy2d
-  runs = {"teacher": args.teacher}
+  found = {"teacher": args.teacher}
   for m in args.methods.split(","):
     wd = os.path.join(args.runs, m)
     if args.train and not os.path.exists(os.path.join(wd, "config.json")):
@@ -208,8 +208,8 @@ def quality(args) -> str:
         c.teacher.workdir = args.teacher
       train.train_and_evaluate(c, wd, progress=False)
     if os.path.exists(os.path.join(wd, "checkpoints")):
-      runs[m] = wd
-  res = report.evaluate_runs(runs, args.out or os.path.join(args.runs, "report"))
+      found[m] = wd
+  res = report.evaluate_runs(found, args.out or os.path.join(args.runs, "report"))
   floor = res["noise_floor"]["sliced_w2"]
   t = res["runs"]["teacher"]["nfe"]
   t64 = t.get(64, t.get("64"))["sliced_w2"]
