@@ -41,7 +41,8 @@ from fmdistill.config import base  # noqa: E402
 from fmdistill.objectives import _common  # noqa: E402
 
 METHODS = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
-           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self")
+           "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self",
+           "imf", "tvm", "freeflow")
 # discrete consistency, CTM and IMM (docs/consistency.md): all start from the teacher's weights,
 # those that need no teacher in their loss too (--methods cm_cd,cm_ct,ict,ect,ctm,imm)
 FAMILY = ("cm_cd", "cm_ct", "ict", "ect", "ctm", "imm")
@@ -66,11 +67,15 @@ def _dit(args):
   return net, params, shape
 
 
-def _step(name, net, params, teacher, batch, *, target_ema="", variant=""):
-  """A jitted ``(params, opt_state, ema) -> (params, opt_state, loss)`` train step."""
+def _step(name, net, params, teacher, batch, *, target_ema="", variant="", overrides=None):
+  """A jitted ``(params, opt_state, ema) -> (params, opt_state, loss)`` train step. Parts
+  trained by their own loss (FreeFlow's critic) enter frozen, as the teacher's network."""
   entry = objectives.entry(name)
   cfg = objectives.default_config(name)
   cfg.target_ema = target_ema
+  cfg.update(overrides or {})
+  frozen = {n: (lambda x, t, cond=None: teacher(x, t, t, cond))
+            for n, p in entry.parts_for(cfg).items() if not p.joint}
   import types
   ctx = types.SimpleNamespace(config=types.SimpleNamespace(objective=cfg))
   parts = {n: p.init(jax.random.key(1), ctx) for n, p in entry.parts_for(cfg).items()
@@ -83,7 +88,7 @@ def _step(name, net, params, teacher, batch, *, target_ema="", variant=""):
     def objective(q):
       return loss_fn(q[0], batch, jax.random.key(2), net=net, teacher=teacher,
                      ema_params=jax.lax.stop_gradient(ema[0]), step=10 ** 6, cfg=cfg,
-                     **q[1])[0]
+                     **q[1], **frozen)[0]
     loss, g = jax.value_and_grad(objective)(p)
     upd, o = opt.update(g, o, p)
     return optax.apply_updates(p, upd), o, loss
@@ -101,6 +106,23 @@ def _meanflow_no_stop_gradient(params, batch, key, *, net, cfg, **_):
   u, du = jax.jvp(lambda x_, t_: net(params, x_, t_, s), (x_t, t), (v, jnp.ones_like(t)))
   err = _common.mean_sq(u - (v - paths.bcast(t - s, du) * du))
   return jnp.mean(err), {}
+
+
+def _part_step(name, part_name, net, params, teacher_fn, tparams, batch):
+  """A jitted update of a part trained by its own loss (one of its ``updates`` per student
+  step): ``(part params, opt_state) -> (part params, opt_state, loss)``."""
+  entry = objectives.entry(name)
+  cfg = objectives.default_config(name)
+  part = entry.parts[part_name]
+  opt = optax.adam(1e-4)
+
+  def step(w, o):
+    fn = lambda w_: part.loss(w_, params, batch, jax.random.key(3), net=net, apply=teacher_fn,
+                              teacher=None, parts={}, step=0, cfg=cfg)[0]
+    loss, g = jax.value_and_grad(fn)(w)
+    upd, o = opt.update(g, o, w)
+    return optax.apply_updates(w, upd), o, loss
+  return jax.jit(step), (tparams, opt.init(tparams))
 
 
 def _compile(fn, state):
@@ -128,21 +150,39 @@ def speed(args) -> str:
   net, params, shape = _dit(args)
   _, tparams, _ = _dit(args)
   tparams = jax.tree_util.tree_map(lambda a: a + 0.01, tparams)  # a different, frozen net
-  batch = {"x": jax.random.normal(jax.random.key(3), (args.batch,) + shape)}
-  rows = [("flow_matching", {}), *[(m, {}) for m in METHODS],
-          ("meanflow", dict(variant="no_stop_gradient")), ("meanflow", dict(target_ema="ema"))]
+  batch = {"x": jax.random.normal(jax.random.key(3), (args.batch,) + shape),
+           "z": jax.random.normal(jax.random.key(4), (args.batch,) + shape)}  # data-free
+  methods = args.methods.split(",") if args.methods else METHODS
+  rows = [("flow_matching", {}), *[(m, {}) for m in methods]]
+  if not args.methods:
+    rows += [("meanflow", dict(variant="no_stop_gradient")), ("meanflow", dict(target_ema="ema"))]
+  rows += [(m, dict(overrides=dict(tangent_grad=m == "imf"), variant="tangent_grad")) for m in
+           ("imf", "tvm") if m in methods]
   results, items = [], []
   for name, kw in rows:
     cfg = objectives.default_config(name)
     path = paths.get_path(cfg.path, cfg.sigma_d)
     teacher = flowmap.teacher_network(net, tparams, flowmap.Parameterization("displacement"),
                                       paths.linear(), path)
+    if kw.get("variant") == "tangent_grad":
+      label = f"{name} (tangent {'differentiated' if name == 'imf' else 'under stop_gradient'})"
+      kw = dict(overrides=kw["overrides"])
+    else:
+      label = name + (f" ({kw.get('variant') or 'EMA target'})" if kw else "")
     fn, state = _step(name, net, params, teacher, batch, **kw)
     compiled, flops, mem = _compile(fn, state)
-    label = name + (f" ({kw.get('variant') or 'EMA target'})" if kw else "")
     results.append((label, flops, mem))
     items.append((compiled, state))
     print(f"  compiled {label}", file=sys.stderr, flush=True)
+    for part_name, part in objectives.entry(name).parts_for(cfg).items():
+      if part.joint or kw:
+        continue
+      v = lambda p, x, t, cond=None: flowmap.teacher_velocity(
+          net, p, flowmap.Parameterization("displacement"))(x, t, cond)
+      fn, state = _part_step(name, part_name, net, params, v, tparams, batch)
+      compiled, flops, mem = _compile(fn, state)
+      results.append((f"{name}: one {part_name} update", flops, mem))
+      items.append((compiled, state))
   secs = _time_round_robin(items, args.reps)
   results = [r + (s,) for r, s in zip(results, secs)]
   f0, m0, s0 = results[0][1:]
@@ -220,8 +260,9 @@ def quality(args) -> str:
     q = {int(k): v["sliced_w2"] for k, v in r["nfe"].items()}
     steps = runs_lib.read_config(r["workdir"]).train.steps
     s = f"{r['straightness']:.4f}" if "straightness" in r else ""
-    lines.append(f"| {name} | {steps} | {q[1]:.4f} | {q[2]:.4f} | {q[4]:.4f} | {q[1] / t64:.2f} "
-                 f"| {q[2] / t64:.2f} | {s} |")
+    f = lambda n, d=1.0: f"{q[n] / d:.{2 if d != 1.0 else 4}f}" if n in q else "–"
+    lines.append(f"| {name} | {steps} | {f(1)} | {f(2)} | {f(4)} | {f(1, t64)} | {f(2, t64)} "
+                 f"| {s} |")
   return "\n".join(lines)
 
 
@@ -236,6 +277,7 @@ def main() -> None:
   s.add_argument("--batch", type=int, default=16)
   s.add_argument("--dtype", default="float32")
   s.add_argument("--reps", type=int, default=5)
+  s.add_argument("--methods", default="", help="comma-separated subset (default: all + extras)")
   q = sub.add_parser("quality")
   q.add_argument("--teacher", required=True)
   q.add_argument("--runs", required=True)

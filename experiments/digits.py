@@ -45,6 +45,10 @@ def method_config(method: str, steps: int = 0, seed: int = 0):
     c.objective.tangent_warmup = 1000
   if c.objective.path == "trigflow":
     c.objective.sigma_d = 0.5
+  if method == "tvm":  # the paper's EMA-0.99 target network and QK-norm
+    c.train.ema_decays, c.objective.target_ema, c.model.qk_norm = (.999, .99), "ema_0.99", True
+  if method == "freeflow":  # its maps start at t = T only: one jump
+    c.eval.student_nfe = (1,)
   if steps:
     c.train.steps = steps
   return c

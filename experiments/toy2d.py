@@ -41,6 +41,10 @@ def method_config(method: str, toy: str = "checkerboard", steps: int = 0, seed: 
     c.train.update(steps=1000, lr=5e-4, warmup_steps=0)
   if entry.tangent and "tangent_warmup" in c.objective:
     c.objective.tangent_warmup = 1000
+  if method == "tvm":  # the paper's target network: an EMA of decay 0.99
+    c.train.ema_decays, c.objective.target_ema = (0.999, 0.99), "ema_0.99"
+  if method == "freeflow":  # its maps start at t = T only: one jump
+    c.eval.student_nfe = (1,)
   if steps:
     c.train.steps = steps
   return c

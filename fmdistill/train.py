@@ -22,8 +22,9 @@ import ml_collections
 from tqdm import tqdm
 
 from fmdistill import checkpoint, config as config_lib, data, metrics_log, objectives, parallel
-from fmdistill import preempt, state as state_lib, step as step_lib, teacher as teacher_lib
+from fmdistill import preempt, runs, state as state_lib, step as step_lib, teacher as teacher_lib
 from fmdistill import workdir as workdir_lib
+from fmdistill.data import prior
 from fmdistill.errors import ConfigError, Preempted
 from fmdistill.eval import evaluate
 from fmdistill.state import TrainState
@@ -33,6 +34,17 @@ Array = jax.Array
 
 def make_source(config: ml_collections.ConfigDict):
   return data.make_source(config.data, config.seed)
+
+
+def prior_source(config: ml_collections.ConfigDict) -> prior.PriorSource:
+  """Batches of a data-free method (``batch='prior'``): prior samples shaped like its teacher's
+  data, with its teacher's classes; no dataset is opened."""
+  if not config.teacher.workdir:
+    raise ConfigError(f"method {config.method!r} is data-free: the shape and classes of its "
+                      "samples come from its teacher; set config.teacher.workdir")
+  tconfig = runs.read_config(config.teacher.workdir)
+  return prior.PriorSource(tuple(tconfig.data_shape), int(tconfig.objective.num_classes),
+                           config.seed)
 
 
 # re-exported: the step is built here for callers of the loop
@@ -64,14 +76,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   """
   config_lib.validate(config)
   workdir_lib.check_path(workdir)
-  source = make_source(config)
+  entry = objectives.entry(config.method)
+  source = prior_source(config) if entry.batch == "prior" else make_source(config)
   shape, num_classes = tuple(source.shape), source.num_classes
   with config.unlocked():
     config.data_shape = list(shape)
     config.objective.num_classes = num_classes
     if config.objective.get("curriculum_steps", -1) == 0:  # a curriculum's K: the whole run
       config.objective.curriculum_steps = config.train.steps
-  entry = objectives.entry(config.method)
   teacher = teacher_lib.load(config, workdir)
   if teacher is not None:
     teacher_lib.check_kind(config, teacher)  # e.g. a flow-map stage on another path

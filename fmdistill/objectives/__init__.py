@@ -98,7 +98,9 @@ class Objective:
     ``'velocity'`` (a flow-matching run, called as ``teacher(x, t, t, cond)``), ``'flowmap'`` (a
     flow-map student, bound as ``flowmap.FlowMapTeacher``: ``teacher.jump(x, t, s, cond)``), or
     ``'consistency'`` (a map to ``s = 0`` only). Any other kind is refused before training.
-  * ``batch``: ``'data'`` or ``'teacher_pairs'`` (a cache of teacher ODE trajectories).
+  * ``batch``: ``'data'``, ``'teacher_pairs'`` (a cache of teacher ODE trajectories) or
+    ``'prior'`` (data-free: ``{'z': N(0, I), 'cond'}`` shaped like the teacher's data, no
+    dataset opened; ``fmdistill.data.prior``).
   * ``parts``: ``{name: Part}``, the extra trainable things (critics, discriminators, learned
     weightings).
   * ``sampler``: how the trained network samples: ``'flowmap'`` jumps or ``'ode'`` (velocity).
@@ -139,6 +141,7 @@ class Objective:
     return hash(self.name)
 
 
+BATCHES = ("data", "teacher_pairs", "prior")
 _REGISTRY: dict[str, Objective] = {}
 _LOADED = False
 
@@ -146,6 +149,8 @@ _LOADED = False
 def register(obj: Objective) -> Objective:
   if obj.name in _REGISTRY:
     raise ValueError(f"objective {obj.name!r} is registered twice")
+  if obj.batch not in BATCHES:
+    raise ValueError(f"{obj.name}: batch must be one of {BATCHES}, got {obj.batch!r}")
   for name, part in obj.parts.items():
     if part.order not in ("before", "after"):
       raise ValueError(f"{obj.name}: part {name!r} order must be 'before' or 'after'")

@@ -127,6 +127,20 @@ def displacement(x: Array, F: Array, t: Array, s: Array) -> Array:
   return (x + bcast(s - t, x) * F).astype(x.dtype)
 
 
+def instantaneous_velocity(F: Array, dF_dt: Array, t: Array, s: Array) -> Array:
+  """``V = F + (t - s) dF/dt`` (float32): the MeanFlow identity solved for the velocity. For the
+  exact map and ``dF/dt`` taken along the true ODE, ``V = v(x_t, t)`` for every ``s``
+  (``V = v - df/dt``, and ``df/dt = 0``). Improved MeanFlow regresses ``V`` onto ``v``."""
+  return F.astype(jnp.float32) + bcast(t - s, F) * dF_dt.astype(jnp.float32)
+
+
+def terminal_velocity(F: Array, dF_ds: Array, t: Array, s: Array) -> Array:
+  """``d_s f = F + (s - t) d_s F`` (float32) for ``f = x + (s - t) F``: the velocity of the map's
+  end point as the terminal time ``s`` moves (FreeFlow's generating velocity at ``t = T``, TVM's
+  terminal velocity). Equals ``v(f, s)`` for the exact map."""
+  return F.astype(jnp.float32) + bcast(s - t, F) * dF_ds.astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------- stabilisers
 
 

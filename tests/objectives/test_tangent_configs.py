@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import digits  # noqa: E402
 import toy2d  # noqa: E402
 
-NO_TEACHER = {"scm_ct", "meanflow", "fmm_forward_self", "fmm_backward_self"}
+NO_TEACHER = {"scm_ct", "meanflow", "fmm_forward_self", "fmm_backward_self", "imf", "tvm"}
 
 
 TANGENT = [n for n in objectives.names() if objectives.entry(n).tangent]
