@@ -71,7 +71,7 @@ def test_progressive_chain_uses_flow_map_teachers_and_refuses_nonsense(tmp_path,
     s = tiny(method, steps=2)
     s.teacher.update(workdir=os.path.join(wd, "pd_2"), which="ema_0.999")
     bad = str(tmp_path / method)
-    with pytest.raises(ConfigError, match="is a flowmap model; method .* needs a teacher of "
+    with pytest.raises(ConfigError, match="a flowmap model; method .* needs a teacher of "
                                           "kind velocity"):
       train.train_and_evaluate(s, bad, progress=False)
     assert not os.path.exists(bad)
@@ -95,6 +95,7 @@ def test_reflow_chain_straightens_round_over_round(tmp_path):
     s.train.update(steps=500 if name == "teacher" else 250, ckpt_every=10 ** 6,
                    log_every=10 ** 6, ema_decays=(0.99,))
     s.teacher.update(pair_num=4096, pair_chunk=4096, pair_nfe=32, which="ema_0.99")
+    s.eval.which = "ema_0.99"
   wd = str(tmp_path / "rf")
   main.run(c, wd, evaluate=False, progress=False)
   src = data.make_source(c.stages.teacher.data, 0)

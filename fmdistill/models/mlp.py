@@ -24,8 +24,11 @@ class MLP(nnx.Module):
   * ``'adn'`` (default): sCM's adaptive double normalisation (Lu & Song 2024, Sec. 4.1 "network
     architecture"): ``z = LN(h) * pnorm(s(c)) + pnorm(b(c))`` with ``pnorm`` the RMS
     normalisation over channels, so the time/label modulation has unit RMS whatever the weights;
-    a parameter-free LayerNorm before the output layer keeps the output layer's inputs
-    normalised (a residual stream that drifts to large negative values cannot silence it).
+    the output layer reads ``silu(LN(h) * pnorm(s_f(c)) + pnorm(b_f(c)))``, a final layer
+    modulated the same way (as DiT's final adaLN layer), so its inputs stay normalised (a
+    residual stream that drifts to large negative values cannot silence it) while their scale
+    can still depend on the time. (An unmodulated final norm was measured to slow training from
+    random initialisation badly: FACM's 400-step 1-step RMSE .81 vs .20 modulated, .09 FiLM.)
   * ``'film'``: the network of checkpoints written before (``LN(h) (1 + s(c)) + b(c)``, learned
     LayerNorm affine, no final norm): its modulation is unbounded, which is how JVP-trained
     students died (docs/health.md).
@@ -52,6 +55,7 @@ class MLP(nnx.Module):
     if not affine:
       self.final_norm = nnx.LayerNorm(width, use_scale=False, use_bias=False, rngs=rngs,
                                       dtype=dtype, param_dtype=jnp.float32)
+      self.final_mod = nnx.Linear(width, 2 * width, rngs=rngs, **kw)
     self.out = nnx.Linear(width, dim, rngs=rngs, kernel_init=nnx.initializers.zeros, **kw)
 
   def __call__(self, x: Array, t: Array, s: Array, cond=None) -> Array:
@@ -82,7 +86,8 @@ class MLP(nnx.Module):
       h = h + getattr(self, f"fc{i}b")(nnx.silu(a))
     record(stats, "resid", h)
     if self.modulation == "adn":
-      h = self.final_norm(h)
+      fs, fb = jnp.split(self.final_mod(c), 2, axis=-1)
+      h = self.final_norm(h) * pnorm(fs) + pnorm(fb)
     record(stats, "preact", h)
     if features:
       return h
