@@ -153,7 +153,8 @@ def _flags(stages, steps, first_which="ema_0.9"):
 
 @pytest.mark.parametrize("arg,stages,steps", [
     ("reflow,rounds=2", ("reflow_1", "reflow_2"), (30, 60)),
-    ("progressive,start=8,end=1", ("pd_4", "pd_2", "pd_1"), (20, 20, 60))],
+    pytest.param("progressive,start=8,end=1", ("pd_4", "pd_2", "pd_1"), (20, 20, 60),
+                 marks=pytest.mark.slow)],
     ids=["reflow_round_2", "progressive_stage_3"])
 def test_sigkill_in_the_last_stage_then_rerun_equals_an_uninterrupted_chain(
     root, tmp_path, tiny_teacher, arg, stages, steps):

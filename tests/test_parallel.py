@@ -26,7 +26,7 @@ def _run(root, devices, *args, extra_env=None, timeout=600):
 
 
 @pytest.mark.parametrize("method,impl", [("flow_matching", "xla"), ("meanflow", "pallas"),
-                                         ("dmd", "xla")])
+                                         pytest.param("dmd", "xla", marks=pytest.mark.slow)])
 def test_sharded_step_equals_unsharded(root, tmp_path, method, impl):
   out = _run(root, 8, "equivalence", method, impl, str(tmp_path / "w"))
   assert out["devices"] == 8

@@ -69,7 +69,8 @@ def tiny_teacher(root, tmp_path_factory):
   return str(wd)
 
 
-@pytest.mark.parametrize("method", ["flow_matching", "scm_ct", "dmd"])
+@pytest.mark.parametrize("method", ["flow_matching", pytest.param("scm_ct", marks=pytest.mark.slow),
+                                    pytest.param("dmd", marks=pytest.mark.slow)])
 def test_sigkill_then_rerun_is_bit_identical(root, tmp_path, method, request):
   """FM, a tangent-family method with a jointly trained part (sCM: one jvp per step, learned
   weighting) and a method with a critic part (alternating updates, two optimisers): killed at
@@ -233,6 +234,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args,match", BAD_INPUTS, ids=[a[0][0] for a in BAD_INPUTS])
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_bad_input_is_one_line_and_writes_nothing(cli, args, match):
   results, t = cli
   i = [a for a, _ in BAD_INPUTS].index(args)
@@ -243,6 +245,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, args, match):
   assert not (t / f"bad{i}").exists()
 
 
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_missing_teacher_is_one_line_and_writes_nothing(cli):
   results, t = cli
   r = results["missing teacher"]
@@ -252,6 +255,7 @@ def test_missing_teacher_is_one_line_and_writes_nothing(cli):
   assert not (t / "student").exists()
 
 
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_workdir_holding_another_experiment_is_refused(cli):
   results, t = cli
   assert results["experiment"]["rc"] == 0, results["experiment"]["stderr"][-2000:]
@@ -287,6 +291,7 @@ ONE_LINE_FAULTS = [
 
 @pytest.mark.parametrize("name,message,unwritten", ONE_LINE_FAULTS,
                          ids=[f[0] for f in ONE_LINE_FAULTS])
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_fault_is_one_line_exit_2_and_writes_nothing(cli, name, message, unwritten):
   results, t = cli
   r = results[name]
@@ -298,6 +303,7 @@ def test_fault_is_one_line_exit_2_and_writes_nothing(cli, name, message, unwritt
     assert not (t / unwritten).exists()
 
 
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_unreadable_checkpoint_directory_touches_nothing(cli):
   _, t = cli
   before = json.loads((t / "good.snap").read_text())
@@ -305,6 +311,7 @@ def test_unreadable_checkpoint_directory_touches_nothing(cli):
   assert before == after and any("/checkpoints/5/" in k for k in before)
 
 
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_corrupt_checkpoint_is_one_warning_line_not_pages_of_tracebacks(cli, root):
   """Emptied array data files: orbax's coroutines fail and, at interpreter exit, Python used
   to print ~140 lines of their tracebacks (a real process, so that its exit is real)."""
@@ -322,6 +329,7 @@ def test_corrupt_checkpoint_is_one_warning_line_not_pages_of_tracebacks(cli, roo
   assert (wd / "corrupt_checkpoints" / "5").is_dir()
 
 
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_full_disk_keeps_the_older_checkpoints_and_logs_the_details(cli):
   results, t = cli
   r = results["full disk"]
@@ -331,6 +339,7 @@ def test_full_disk_keeps_the_older_checkpoints_and_logs_the_details(cli):
   assert int(state["step"]) == 5
 
 
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_eval_honours_overrides_and_names_the_unfinished_step(cli):
   results, t = cli
   r = results["eval overrides on an unfinished run"]
@@ -344,6 +353,7 @@ def test_eval_honours_overrides_and_names_the_unfinished_step(cli):
   assert "checkpoint step 5 of 8 — **unfinished run**" in (t / "good" / "report.md").read_text()
 
 
+@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_sample_names_the_step_and_says_where_it_wrote(cli):
   results, t = cli
   r = results["sample"]

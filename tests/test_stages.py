@@ -28,6 +28,7 @@ def _stage(method, steps=6):
   return c
 
 
+@pytest.mark.slow  # test_chains covers a chain run and its resumption by default
 def test_chain_resolves_teachers_and_skips_finished_stages(tmp_path, capsys):
   chain = config_lib.chain([("teacher", _stage("flow_matching")),
                             ("student", _stage("ayf_emd")),
