@@ -152,7 +152,7 @@ def _flags(stages, steps, first_which="ema_0.9"):
 
 
 @pytest.mark.parametrize("arg,stages,steps", [
-    ("reflow,rounds=2", ("reflow_1", "reflow_2"), (30, 60)),
+    pytest.param("reflow,rounds=2", ("reflow_1", "reflow_2"), (30, 60), marks=pytest.mark.slow),
     pytest.param("progressive,start=8,end=1", ("pd_4", "pd_2", "pd_1"), (20, 20, 60),
                  marks=pytest.mark.slow)],
     ids=["reflow_round_2", "progressive_stage_3"])

@@ -57,7 +57,7 @@ FIELDS = {
 }
 
 
-@settings(max_examples=16, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(st.sampled_from(sorted(FIELDS)), st.none(), min_size=1, max_size=5)
        .flatmap(lambda d: st.fixed_dictionaries({k: FIELDS[k] for k in d})))

@@ -5,6 +5,7 @@ The command-line faults run in one subprocess (``tests/cli_batch.py``: one jax i
 of them) that obeys file permissions even as root. In-process faults (checkpoints, drift,
 teachers, non-finite values, logs) are in ``tests/test_reliability_state.py``."""
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -59,7 +60,7 @@ def _wait_for_checkpoint(wd, at_least, proc, timeout=120):
   raise TimeoutError("no checkpoint appeared")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_teacher(root, tmp_path_factory):
   """A finished (tiny) flow-matching run for the distillation methods."""
   wd = tmp_path_factory.mktemp("teacher") / "fm"
@@ -157,10 +158,24 @@ def _drop_root_file_powers():
       assert libc.prctl(24, cap, 0, 0, 0) == 0  # PR_CAPBSET_DROP
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cli(root, tmp_path_factory):
-  """Every command-line fault case, run in one subprocess; ``{name: result}`` and the dir."""
-  t = tmp_path_factory.mktemp("cli")
+  """Every command-line fault case, run in one subprocess; ``{name: result}`` and the dir.
+
+  Built once per test session: xdist workers share it through a directory of the session
+  (the first worker builds it under a file lock, the others wait and read its results)."""
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  t = shared / "cli"
+  with open(shared / "cli.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (t / "results.json").exists():
+      _run_cli_batch(root, t)
+  return {c["name"]: c for c in json.loads((t / "results.json").read_text())}, t
+
+
+def _run_cli_batch(root, t):
+  t.mkdir(exist_ok=True)
   (t / "afile").write_text("not a directory")
   (t / "ro").mkdir()
   (t / "ro").chmod(0o555)
@@ -215,7 +230,6 @@ def cli(root, tmp_path_factory):
                      env=_env(root), capture_output=True, text=True, timeout=900,
                      preexec_fn=_drop_root_file_powers)
   assert r.returncode == 0, r.stderr[-3000:]
-  return {c["name"]: c for c in json.loads((t / "results.json").read_text())}, t
 
 
 BAD_INPUTS = [
@@ -234,7 +248,6 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args,match", BAD_INPUTS, ids=[a[0][0] for a in BAD_INPUTS])
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_bad_input_is_one_line_and_writes_nothing(cli, args, match):
   results, t = cli
   i = [a for a, _ in BAD_INPUTS].index(args)
@@ -245,7 +258,6 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, args, match):
   assert not (t / f"bad{i}").exists()
 
 
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_missing_teacher_is_one_line_and_writes_nothing(cli):
   results, t = cli
   r = results["missing teacher"]
@@ -255,7 +267,6 @@ def test_missing_teacher_is_one_line_and_writes_nothing(cli):
   assert not (t / "student").exists()
 
 
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_workdir_holding_another_experiment_is_refused(cli):
   results, t = cli
   assert results["experiment"]["rc"] == 0, results["experiment"]["stderr"][-2000:]
@@ -291,7 +302,6 @@ ONE_LINE_FAULTS = [
 
 @pytest.mark.parametrize("name,message,unwritten", ONE_LINE_FAULTS,
                          ids=[f[0] for f in ONE_LINE_FAULTS])
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_fault_is_one_line_exit_2_and_writes_nothing(cli, name, message, unwritten):
   results, t = cli
   r = results[name]
@@ -303,7 +313,6 @@ def test_fault_is_one_line_exit_2_and_writes_nothing(cli, name, message, unwritt
     assert not (t / unwritten).exists()
 
 
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_unreadable_checkpoint_directory_touches_nothing(cli):
   _, t = cli
   before = json.loads((t / "good.snap").read_text())
@@ -311,7 +320,6 @@ def test_unreadable_checkpoint_directory_touches_nothing(cli):
   assert before == after and any("/checkpoints/5/" in k for k in before)
 
 
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_corrupt_checkpoint_is_one_warning_line_not_pages_of_tracebacks(cli, root):
   """Emptied array data files: orbax's coroutines fail and, at interpreter exit, Python used
   to print ~140 lines of their tracebacks (a real process, so that its exit is real)."""
@@ -329,7 +337,6 @@ def test_corrupt_checkpoint_is_one_warning_line_not_pages_of_tracebacks(cli, roo
   assert (wd / "corrupt_checkpoints" / "5").is_dir()
 
 
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_full_disk_keeps_the_older_checkpoints_and_logs_the_details(cli):
   results, t = cli
   r = results["full disk"]
@@ -339,7 +346,6 @@ def test_full_disk_keeps_the_older_checkpoints_and_logs_the_details(cli):
   assert int(state["step"]) == 5
 
 
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_eval_honours_overrides_and_names_the_unfinished_step(cli):
   results, t = cli
   r = results["eval overrides on an unfinished run"]
@@ -353,7 +359,6 @@ def test_eval_honours_overrides_and_names_the_unfinished_step(cli):
   assert "checkpoint step 5 of 8 — **unfinished run**" in (t / "good" / "report.md").read_text()
 
 
-@pytest.mark.xdist_group("cli")  # one worker builds the batch fixture
 def test_sample_names_the_step_and_says_where_it_wrote(cli):
   results, t = cli
   r = results["sample"]

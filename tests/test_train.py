@@ -21,6 +21,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow  # test_reliability: SIGKILL then rerun is bit-identical (by default for FM)
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
   _, full = train.train_and_evaluate(tiny(), str(tmp_path / "a"), progress=False)
   _, part = train.train_and_evaluate(tiny(), str(tmp_path / "b"), progress=False, stop_after=20)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Callable
 
@@ -40,7 +41,7 @@ def build_cache(directory: str, generate: Callable[[int, int], dict], num: int, 
       raise ValueError(f"pair cache {directory} was built with different settings: {old} "
                        f"!= {meta}; remove it or choose another directory")
   else:
-    tmp = f"{meta_path}.tmp{os.getpid()}"
+    tmp = f"{meta_path}.{_writer_id()}.tmp"  # writers of one run write the same content
     with open(tmp, "w") as f:
       json.dump(meta, f, indent=1, sort_keys=True)
     os.replace(tmp, meta_path)
@@ -51,7 +52,7 @@ def build_cache(directory: str, generate: Callable[[int, int], dict], num: int, 
     path = chunk_path(c)
     if not os.path.exists(path):
       arrays = {k: np.asarray(v) for k, v in generate(c, chunk).items()}
-      tmp = f"{path}.tmp{os.getpid()}.npz"  # atomic: a reader never sees a partial chunk
+      tmp = f"{path}.{_writer_id()}.tmp.npz"  # atomic: a reader never sees a partial chunk
       np.savez(tmp, **arrays)
       os.replace(tmp, path)
   parts = []
@@ -60,6 +61,11 @@ def build_cache(directory: str, generate: Callable[[int, int], dict], num: int, 
     with np.load(chunk_path(c)) as z:
       parts.append({k: z[k] for k in z.files})
   return {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}
+
+
+def _writer_id() -> str:
+  """Unique per process and thread (a temporary file name no other writer uses)."""
+  return f"{os.getpid()}-{threading.get_ident()}"
 
 
 def _wait_for(path: str, timeout: float) -> None:

@@ -144,6 +144,7 @@ def digits_teacher(tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow  # the loss-level guidance tests above run by default
 def test_guidance_input_through_the_train_loop(digits_teacher, tmp_path, method="dmd"):
   """A student that takes the scale as an input, from a guided teacher, through the real train
   loop: its critic carries the scale embedding too (the fake score of a w-dependent generator

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fmdistill import models
 from fmdistill.config import base
@@ -85,6 +86,7 @@ def test_meanflow_pattern_on_dit_pallas_equals_xla():
   assert max(float(jnp.abs(a).max()) for a in flat_x) > 1e-3  # the gradient is not trivial
 
 
+@pytest.mark.slow
 def test_imf_training_with_qk_norm_pallas_equals_xla():
   px, lx = _train("xla")
   pp, lp = _train("pallas")

@@ -23,7 +23,7 @@ def _loss_and_grad(name, impl):
   return jax.jit(jax.value_and_grad(fn))(params)
 
 
-@pytest.mark.parametrize("name", ["imf", "tvm"])
+@pytest.mark.parametrize("name", [pytest.param("imf", marks=pytest.mark.slow), "tvm"])
 def test_grad_through_the_tangent_pallas_equals_xla(name):
   (lx, gx), (lp, gp) = _loss_and_grad(name, "xla"), _loss_and_grad(name, "pallas")
   np.testing.assert_allclose(lp, lx, rtol=1e-5)
