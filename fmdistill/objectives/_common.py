@@ -50,6 +50,18 @@ def noisy(key: Array, x0: Array, t: Array, path: paths.Path) -> tuple[Array, Arr
   return path.sample(x0, eps, t), eps, path.velocity(x0, eps, t)
 
 
+def noised_pairs(batch: dict, key: Array, cfg) -> tuple[Array, Array, Array, Array, Any]:
+  """The flow-map methods' common draw: ``(t, s, x_t, v_cond, cond)`` — times ``s <= t``
+  (``sample_pairs``), data ``batch['x']`` noised to ``x_t`` with its conditional velocity
+  ``v_cond`` (``noisy``), labels after dropout (``drop_labels``); shapes ``(B,)`` and ``(B, ...)``."""
+  path = path_of(cfg)
+  x0 = batch["x"]
+  kt, kn, kd = jax.random.split(key, 3)
+  t, s = sample_pairs(kt, x0.shape[0], cfg, path)
+  x_t, _, v_cond = noisy(kn, x0, t, path)
+  return t, s, x_t, v_cond, drop_labels(kd, batch.get("cond"), cfg)
+
+
 def drop_labels(key: Array, cond: Array | None, cfg) -> Any:
   """Replace labels by the null label ``cfg.num_classes`` with probability ``label_dropout``;
   then, with ``guidance_input``, attach a guidance scale per example (``guidance_cond``)."""

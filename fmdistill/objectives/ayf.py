@@ -85,16 +85,6 @@ def _lmd(net, params, ema_params, teacher, x_t, t, s, cond, *, r, fused):
   return F, F_m, _tangent.lagrangian_residual(F_m, dFs, v_end, t, s, r)
 
 
-def _setup(batch, key, cfg):
-  path = _common.path_of(cfg)
-  x0 = batch["x"]
-  kt, kn, kd = jax.random.split(key, 3)
-  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
-  x_t, _, v_cond = _common.noisy(kn, x0, t, path)
-  cond = _common.drop_labels(kd, batch.get("cond"), cfg)
-  return t, s, x_t, v_cond, cond
-
-
 def _finish(F, target, g, weighting, t, s, cfg):
   err = _common.mean_sq(F.astype(jnp.float32) - target)
   per = err
@@ -113,7 +103,7 @@ def ayf_emd_loss(params, batch, key, *, net, teacher=None, ema_params=None, step
   """AYF-EMD (module docstring). ``batch['x'] (B, ...)``."""
   cfg = cfg or emd_defaults()
   _common.require(cfg, param="displacement", method="AYF")
-  t, s, x_t, v_cond, cond = _setup(batch, key, cfg)
+  t, s, x_t, v_cond, cond = _common.noised_pairs(batch, key, cfg)
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
   r = _tangent.warmup(step, cfg.tangent_warmup)
   F, F_m, g = _emd(net, params, ema_params, x_t, t, s, v, cond, r=r,
@@ -129,7 +119,7 @@ def ayf_lmd_loss(params, batch, key, *, net, teacher=None, ema_params=None, step
   _common.require(cfg, param="displacement", method="AYF")
   if teacher is None:
     raise ValueError("ayf_lmd distils a teacher velocity: pass teacher (set teacher.workdir)")
-  t, s, x_t, _, cond = _setup(batch, key, cfg)
+  t, s, x_t, _, cond = _common.noised_pairs(batch, key, cfg)
   r = _tangent.warmup(step, cfg.tangent_warmup)
   F, F_m, g = _lmd(net, params, ema_params, teacher, x_t, t, s, cond, r=r,
                    fused=not cfg.target_ema)

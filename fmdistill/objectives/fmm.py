@@ -88,15 +88,6 @@ def forward_target(G, params, ema_params, velocity, x_t, t, s, cond=None, *, fus
   return out, sg(tgt)
 
 
-def _setup(batch, key, cfg):
-  path = _common.path_of(cfg)
-  x0 = batch["x"]
-  kt, kn, kd = jax.random.split(key, 3)
-  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
-  x_t, _, v_cond = _common.noisy(kn, x0, t, path)
-  return t, s, x_t, v_cond, _common.drop_labels(kd, batch.get("cond"), cfg)
-
-
 def _mse(a, b):
   return jnp.mean(_common.mean_sq(a.astype(jnp.float32) - b))
 
@@ -107,7 +98,7 @@ def _loss(direction: str, self_distill: bool):
     cfg = cfg or (self_defaults() if self_distill else defaults())
     _common.require(cfg, param="displacement", method="flow-map matching")
     fused = not cfg.target_ema
-    t, s, x_t, v_cond, cond = _setup(batch, key, cfg)
+    t, s, x_t, v_cond, cond = _common.noised_pairs(batch, key, cfg)
     metrics = {}
     if self_distill:
       if cfg.order != 1:

@@ -85,12 +85,7 @@ def meanflow_loss(params, batch, key, *, net, teacher=None, ema_params=None, ste
   """MeanFlow (module docstring). ``batch['x'] (B, ...)``. Metrics: loss, raw MSE."""
   cfg = cfg or defaults()
   _common.require(cfg, param="displacement", method="MeanFlow")
-  path = _common.path_of(cfg)
-  x0 = batch["x"]
-  kt, kn, kd = jax.random.split(key, 3)
-  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
-  x_t, _, v_cond = _common.noisy(kn, x0, t, path)
-  cond = _common.drop_labels(kd, batch.get("cond"), cfg)
+  t, s, x_t, v_cond, cond = _common.noised_pairs(batch, key, cfg)
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
   if cfg.velocity == "conditional":
     v = guided_velocity(net, params, x_t, t, v, cond, cfg)
