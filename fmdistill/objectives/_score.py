@@ -160,6 +160,19 @@ def rollout(params: Any, key: Array, x_data: Array, cond: Any, *, net, cfg,
   return param.apply(net, params, x, t_last, zero, cond), t_last
 
 
+def generate_and_noise(params: Any, key: Array, batch: dict, *, net, cfg, path: paths.Path,
+                       detach: bool = True) -> tuple[Array, Any, Array, Array]:
+  """The generator side shared by DMD, VSD and SiD: ``(x_0^theta, cond, t, x_t)`` — conditioning
+  (``conditioning``), the student's sample from its own sampler (``rollout``) and that sample
+  noised at a score time (``noise``); with ``detach`` the noised input carries no gradient
+  (DMD, VSD), without it the gradient flows through ``x_t`` (SiD)."""
+  kg, kn, kc = jax.random.split(key, 3)
+  cond = conditioning(kc, batch, cfg)
+  x0, _ = rollout(params, kg, batch["x"], cond, net=net, cfg=cfg)
+  t, _, xt = noise(kn, jax.lax.stop_gradient(x0) if detach else x0, cfg, path)
+  return x0, cond, t, xt
+
+
 def denoisers(x_t: Array, t: Array, cond: Any, *, teacher, critic, path: paths.Path
               ) -> tuple[Array, Array]:
   """``(D_real, D_fake)`` at ``x_t``: the teacher's (guided as bound) and the critic's

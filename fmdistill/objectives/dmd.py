@@ -75,10 +75,7 @@ def v1_defaults():
 def dm_loss(params, batch, key, *, net, teacher, critic, cfg, scale: float = 0.5):
   """``(scale * L_DM, metrics, x_0^theta, cond)`` (module docstring; DMD2's ``0.5``)."""
   path = _common.path_of(cfg)
-  kg, kn, kc = jax.random.split(key, 3)
-  cond = _score.conditioning(kc, batch, cfg)
-  x0, _ = _score.rollout(params, kg, batch["x"], cond, net=net, cfg=cfg)
-  t, _, xt = _score.noise(kn, sg(x0), cfg, path)
+  x0, cond, t, xt = _score.generate_and_noise(params, key, batch, net=net, cfg=cfg, path=path)
   d_real, d_fake = (sg(d) for d in _score.denoisers(xt, t, cond, teacher=teacher, critic=critic,
                                                    path=path))
   grad = _score.dmd_grad(x0, d_real, d_fake)

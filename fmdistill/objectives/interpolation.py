@@ -60,10 +60,7 @@ def vsd_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   cfg = cfg or vsd_defaults()
   _score.check(cfg)
   path = _common.path_of(cfg)
-  kg, kn, kc = jax.random.split(key, 3)
-  cond = _score.conditioning(kc, batch, cfg)
-  x0, _ = _score.rollout(params, kg, batch["x"], cond, net=net, cfg=cfg)
-  t, _, xt = _score.noise(kn, sg(x0), cfg, path)
+  x0, cond, t, xt = _score.generate_and_noise(params, key, batch, net=net, cfg=cfg, path=path)
   d_real, d_fake = (sg(d) for d in _score.denoisers(xt, t, cond, teacher=teacher, critic=critic,
                                                    path=path))
   grad = bcast(path.alpha(t) * path.sigma(t), x0) * (d_fake - d_real)
@@ -78,10 +75,8 @@ def sid_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   cfg = cfg or sid_defaults()
   _score.check(cfg)
   path = _common.path_of(cfg)
-  kg, kn, kc = jax.random.split(key, 3)
-  cond = _score.conditioning(kc, batch, cfg)
-  x0, _ = _score.rollout(params, kg, batch["x"], cond, net=net, cfg=cfg)
-  t, _, xt = _score.noise(kn, x0, cfg, path)  # x_t carries the generator's gradient
+  x0, cond, t, xt = _score.generate_and_noise(params, key, batch, net=net, cfg=cfg, path=path,
+                                               detach=False)  # x_t carries the gradient
   real = getattr(teacher, "with_input_grad", teacher)  # bound teachers stop the gradient
   d_real, d_fake = _score.denoisers(xt, t, cond, teacher=real, critic=critic, path=path)
   flat = lambda a: a.reshape(a.shape[0], -1).astype(jnp.float32)
