@@ -79,6 +79,7 @@ def quiet(log_dir: str | None):
   If anything was written it is appended to ``log_dir/library.log`` (or, without a writable
   ``log_dir``, kept in a temporary file); ``capture.path`` then names it."""
   cap = _Capture()
+  _stragglers(None)
   tmp = tempfile.NamedTemporaryFile("w+b", prefix="fmdistill-", suffix=".log", delete=False)
   text = _Sink(tmp.fileno())
   root = logging.getLogger()
@@ -110,6 +111,31 @@ def quiet(log_dir: str | None):
     root.handlers, root.level = handlers, level
     tmp.close()
     cap.path = _keep(tmp.name, log_dir)
+    if cap.failed:
+      _stragglers(cap.path or (os.path.join(log_dir, LOG) if log_dir and os.path.isdir(log_dir)
+                               and os.access(log_dir, os.W_OK) else os.devnull))
+
+
+def _stragglers(path: str | None) -> None:
+  """After a failed operation, send what its abandoned asyncio tasks report later (asyncio logs
+  "Task exception was never retrieved" whenever the task is collected, possibly only at exit)
+  to ``path`` instead of the terminal, until the next ``quiet`` block; ``None`` undoes it."""
+  log = logging.getLogger("asyncio")
+  for h in [h for h in log.handlers if getattr(h, "_fmdistill", False)]:
+    log.removeHandler(h)
+    with contextlib.suppress(OSError):
+      os.close(h.stream.fd)
+  log.propagate = True
+  if path is None:
+    return
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  except OSError:
+    fd = os.open(os.devnull, os.O_WRONLY)
+  h = logging.StreamHandler(_Sink(fd))
+  h._fmdistill = True
+  log.addHandler(h)
+  log.propagate = False
 
 
 class _Sink:

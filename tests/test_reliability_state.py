@@ -430,3 +430,18 @@ def test_library_output_during_checkpointing_goes_to_the_log(tmp_path, capfd):
   with checkpoint.quiet(str(tmp_path / "x")) as cap:
     pass
   assert cap.path is None                       # nothing said, no file
+
+
+def test_stragglers_of_a_failed_write_go_to_the_log_until_the_next_operation(tmp_path, capfd, caplog):
+  """Abandoned orbax tasks report "Task exception was never retrieved" when collected, which
+  may be after the failing block (a CI run printed them under the one-line error)."""
+  with pytest.raises(OSError):
+    with checkpoint.quiet(str(tmp_path)) as cap:
+      raise OSError("disk full")
+  logging.getLogger("asyncio").error("Task exception was never retrieved (late)")
+  assert capfd.readouterr().err == "" and "(late)" not in caplog.text
+  assert "(late)" in open(tmp_path / "library.log").read()
+  with checkpoint.quiet(str(tmp_path / "x")):   # the next operation takes the logger back
+    pass
+  logging.getLogger("asyncio").error("a later complaint")
+  assert "a later complaint" in caplog.text     # back to the usual handlers
