@@ -26,7 +26,7 @@ _MODEL = dict(name="mlp", width=256, depth=3, dtype="float32", patch=2, heads=4,
               modulation="adn", guidance_embed=False)
 _TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, schedule="cosine",
               final_lr=0.05, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
-              ema_decays=(0.999,), ema_power=(), log_every=100, ckpt_every=500, keep=2,
+              ema_decays=(0.999,), ema_power=(), ema_rampup=0.05, log_every=100, ckpt_every=500, keep=2,
               eval_every=0, max_consecutive_skips=50)
 _TEACHER = dict(workdir="", stage="", which="ema_0.999", guidance=1.0, init_student=True,
                 pair_cache="", pair_num=16384, pair_chunk=4096, pair_solver="heun", pair_nfe=64,
@@ -187,6 +187,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.warmup_steps >= 0, f"{section}.warmup_steps", t.warmup_steps, ">= 0")
   _check(all(0 < d < 1 for d in c.train.ema_decays), "train.ema_decays", c.train.ema_decays,
          "decays in (0, 1)")
+  _check(0 <= c.train.ema_rampup < 1, "train.ema_rampup", c.train.ema_rampup,
+         "in [0, 1) (EDM's ema_rampup_ratio; 0 = plain EMA)")
   _check(all(isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0
              for g in c.train.ema_power), "train.ema_power", c.train.ema_power,
          "power-EMA exponents gamma > 0 (EDM2)")

@@ -12,6 +12,8 @@ reads finished runs, ``fmdistill.train`` runs the loop.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import jax
@@ -89,13 +91,28 @@ def ema_names(t: ml_collections.ConfigDict) -> list[str]:
   return [f"ema_{d:g}" for d in t.ema_decays] + [f"power_{g:g}" for g in t.ema_power]
 
 
-def update_ema(ema: dict, params: Any, step: Array, t: ml_collections.ConfigDict) -> dict:
-  """Plain EMA ``p <- d p + (1 - d) theta``; EDM2 power EMA with ``beta_n = (1 - 1/n)^(g+1)``
-  after ``n`` updates (``optax.incremental_update`` with step size ``1 - beta``)."""
+def update_ema(ema: dict, params: Any, step: Array, t: ml_collections.ConfigDict,
+               plain: tuple[str, ...] = ()) -> dict:
+  """Plain EMA ``p <- b p + (1 - b) theta``; EDM2 power EMA with ``beta_n = (1 - 1/n)^(g+1)``
+  after ``n`` updates (``optax.incremental_update`` with step size ``1 - beta``).
+
+  The plain EMAs ramp up as in EDM (Karras et al. 2022, training option
+  ``ema_rampup_ratio=0.05``): after ``n`` updates the half-life of EMA ``d``, ``ln 0.5 / ln d``
+  steps, is capped at ``t.ema_rampup * n`` steps, so the average never keeps a noticeable share
+  of the initial weights (with a plain 0.999 EMA a 2000-step run keeps 0.999^2000 = 13.5% of
+  them: the initial teacher weights of a teacher-initialised student, whose one-jump map is the
+  teacher's Euler step). ``t.ema_rampup = 0`` gives the plain EMA; the EMAs named in ``plain``
+  (a consistency target ``theta^-``, which the papers define as the plain EMA) never ramp."""
   n = (step + 1).astype(jnp.float32)
+  rampup = t.get("ema_rampup", 0.0)
   out = {}
   for d in t.ema_decays:
-    out[f"ema_{d:g}"] = optax.incremental_update(params, ema[f"ema_{d:g}"], 1.0 - d)
+    name = f"ema_{d:g}"
+    beta = jnp.float32(d)
+    if rampup > 0 and name not in plain:
+      half_life = jnp.minimum(math.log(0.5) / math.log(d), rampup * n)
+      beta = jnp.minimum(beta, 0.5 ** (1.0 / half_life))
+    out[name] = optax.incremental_update(params, ema[name], 1.0 - beta)
   for g in t.ema_power:
     beta = (1.0 - 1.0 / n) ** (g + 1.0)
     out[f"power_{g:g}"] = optax.incremental_update(params, ema[f"power_{g:g}"], 1.0 - beta)

@@ -55,10 +55,41 @@ def test_power_ema_matches_edm2_definition():
   """With gamma, beta_n = (1 - 1/n)^(gamma + 1): after n updates of constant params c from
   p0, the power EMA equals c exactly from the first update on (beta_1 = 0)."""
   t = tiny().train
+  t.ema_rampup = 0.0
   ema = {"ema_0.9": jnp.zeros(3), "power_6.94": jnp.zeros(3)}
   ema = state_lib.update_ema(ema, jnp.ones(3), jnp.int32(0), t)
   np.testing.assert_allclose(ema["power_6.94"], 1.0)
   np.testing.assert_allclose(ema["ema_0.9"], 0.1, rtol=1e-6)
+
+
+def _ema_share_of_init(t, n, plain=()):
+  """The weight an EMA keeps on its initial value (0) after ``n`` updates towards 1."""
+  def body(i, e):
+    return state_lib.update_ema(e, jnp.ones(()), i, t, plain=plain)
+  ema = jax.lax.fori_loop(0, n, body, {"ema_0.999": jnp.zeros(())})
+  return 1.0 - float(ema["ema_0.999"])
+
+
+def test_ema_rampup_forgets_the_initial_weights_as_edm_does():
+  """A teacher-initialised student's 0.999 EMA kept 0.999^2000 = 13.5% of the teacher after the
+  quickstart's 2000 steps (its one-jump map: the teacher's Euler step, 0.238 sliced W2 vs 0.091
+  for the raw weights). With EDM's rampup the half-life after n updates is at most 0.05 n
+  steps: the initial share is (product of the per-step betas) below 1e-6, and after the
+  rampup the EMA is the plain one again; a consistency target named in ``plain`` never ramps."""
+  t = tiny().train
+  t.ema_decays, t.ema_power = (0.999,), ()
+  assert t.ema_rampup == 0.05                                     # the library default
+  np.testing.assert_allclose(_ema_share_of_init(t, 2000, plain=("ema_0.999",)), 0.999 ** 2000,
+                             rtol=1e-3)
+  assert _ema_share_of_init(t, 2000) < 1e-6
+  t.ema_rampup = 0.0
+  np.testing.assert_allclose(_ema_share_of_init(t, 2000), 0.999 ** 2000, rtol=1e-3)
+  t.ema_rampup = 0.05                # past n = 693 / 0.05 the step's beta is the plain decay
+  e = {"ema_0.999": jnp.zeros(())}
+  e = state_lib.update_ema(e, jnp.ones(()), jnp.int32(20000), t)
+  np.testing.assert_allclose(float(e["ema_0.999"]), 1e-3, rtol=1e-4)
+  e = state_lib.update_ema({"ema_0.999": jnp.zeros(())}, jnp.ones(()), jnp.int32(99), t)
+  np.testing.assert_allclose(float(e["ema_0.999"]), 1 - 0.5 ** (1 / 5.0), rtol=1e-5)  # h = 5
 
 
 @pytest.mark.parametrize("field,value,match", [
