@@ -23,10 +23,8 @@ written in ``u``-space for the displacement form (a test checks the two agree).
 """
 from __future__ import annotations
 
-import jax
-
 from fmdistill import objectives
-from fmdistill.objectives import _common, _semigroup
+from fmdistill.objectives import _common, _semigroup, tri_consistency
 
 
 def defaults():
@@ -38,26 +36,17 @@ def defaults():
 
 def splitmeanflow_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0,
                        cfg=None):
-  """Interval-splitting consistency plus boundary flow matching. ``batch['x']``: ``(B, ...)``."""
+  """Interval-splitting consistency plus boundary flow matching. ``batch['x']``: ``(B, ...)``.
+
+  In the displacement form ``F = u`` the semigroup loss with ``r = t - lambda (t - s)`` regresses
+  ``F_theta(x_t, t, s)`` onto ``[(t - r) F^-(x_t, t, r) + (r - s) F^-(x_r, r, s)] / (t - s)``,
+  which is ``u_tgt`` above: the computation is ``tri_consistency``'s with ``split='uniform'``."""
   del step
   cfg = cfg or defaults()
   _common.require(cfg, param="displacement", method="splitmeanflow")
-  path, param = _common.path_of(cfg), _common.param_of(cfg)
-  x0 = batch["x"]
-  kd, kp, kl, kn, kb = jax.random.split(key, 5)
-  cond = _common.drop_labels(kd, batch.get("cond"), cfg)
-  n = _semigroup.sc_count(x0.shape[0], cfg.sc_ratio)
-  c_sc = None if cond is None else cond[:n]
-  c_fm = None if cond is None else cond[n:]
-  t, s = _semigroup.distinct_pairs(kp, n, cfg, path)
-  lam = jax.random.uniform(kl, t.shape)
-  r = (1.0 - lam) * t + lam * s
-  x_t = _semigroup.noised(kn, x0[:n], t, path)
-  target = _semigroup.two_jump_velocity(net, _semigroup.target_params(params, ema_params),
-                                        x_t, t, r, s, c_sc)
-  sc = _common.mean_sq(net(params, x_t, t, s, c_sc) - target)
-  fm, _ = _semigroup.boundary(param, net, params, x0[n:], kb, cfg, teacher, c_fm)
-  return _semigroup.combine(sc, fm)
+  return tri_consistency.semigroup_loss(params, batch, key, net=net, teacher=teacher,
+                                        ema_params=ema_params, cfg=cfg, split="uniform",
+                                        near=0.5)
 
 
 def check(config) -> None:

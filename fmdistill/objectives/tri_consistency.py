@@ -65,6 +65,13 @@ def tri_consistency_loss(params, batch, key, *, net, teacher=None, ema_params=No
   cfg = cfg or defaults()
   if not 0.0 < cfg.near < 1.0:
     raise ValueError(f"near must be in (0, 1), got {cfg.near}")
+  return semigroup_loss(params, batch, key, net=net, teacher=teacher, ema_params=ema_params,
+                        cfg=cfg, split=cfg.split, near=cfg.near)
+
+
+def semigroup_loss(params, batch, key, *, net, teacher, ema_params, cfg, split: str,
+                   near: float):
+  """The loss for an intermediate-time rule ``split`` (also SplitMeanFlow's, with 'uniform')."""
   path, param = _common.path_of(cfg), _common.param_of(cfg)
   x0 = batch["x"]
   kd, kp, kr, kn, kb = jax.random.split(key, 5)
@@ -74,7 +81,7 @@ def tri_consistency_loss(params, batch, key, *, net, teacher=None, ema_params=No
   c_fm = None if cond is None else cond[n:]
   # self-consistency on the first n examples (s < t strictly: distinct draws, floored gap)
   t, s = _semigroup.distinct_pairs(kp, n, cfg, path)
-  r = intermediate(kr, t, s, cfg.split, cfg.near)
+  r = intermediate(kr, t, s, split, near)
   x_t = _semigroup.noised(kn, x0[:n], t, path)
   theta_m = _semigroup.target_params(params, ema_params)
   if cfg.param == "displacement":  # in F-space: no cancellation for short jumps
