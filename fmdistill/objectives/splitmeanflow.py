@@ -19,7 +19,8 @@ is our ``u(x_t, t, r)``, ``u1 = u(z_s, r, s)`` our ``u(x_r, r, s)``), and a frac
 (conditional velocity, or the teacher's when distilling: ``velocity='teacher'``). In the limit
 ``lambda -> 0`` the identity becomes MeanFlow's differential one; unlike MeanFlow no ``jax.jvp``
 is taken, so any attention kernel works. This is ``tri_consistency`` with ``split='uniform'``
-written in ``u``-space for the displacement form (a test checks the two agree).
+written in ``u``-space for the displacement form: it calls that core, and a test checks it
+against the paper's algorithm written out.
 """
 from __future__ import annotations
 
