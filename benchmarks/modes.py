@@ -55,6 +55,8 @@ def main() -> None:
   p.add_argument("--train", action="store_true")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num", type=int, default=10_000)
+  p.add_argument("--which", default="", help="the students' weights: 'params', an EMA name, "
+                 "or '' for each run's eval.which")
   args = p.parse_args()
   print(f"machine: {platform.node()} | {os.cpu_count()} CPUs | jax {jax.__version__}")
   print(f"command: python {' '.join(sys.argv)}")
@@ -76,8 +78,9 @@ def main() -> None:
     if not runs_lib.is_finished(wd):
       print(f"(no finished run for {m} in {wd})")
       continue
-    cfg, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
-    rows.append((m, 1, evaluate.generate(cfg, net, params, key, args.num, 1)))
+    which = args.which or runs_lib.read_config(wd).eval.which
+    cfg, net, params = runs_lib.load_params(wd, which)
+    rows.append((f"{m} ({which})", 1, evaluate.generate(cfg, net, params, key, args.num, 1)))
   other = source.reference(args.num, 1)
   print(f"Eight Gaussians (radius {RADIUS}, std {STD}), {args.num} samples per row; sampling "
         f"seed {args.seed}.")
