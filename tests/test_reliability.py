@@ -201,12 +201,20 @@ def _run_cli_batch(root, t):
       dict(name="eval.gamma=nan", args=flat(t / "w6", "--config.eval.gamma=nan")),
       dict(name="TFDS version without dataset_info.json", args=flat(t / "w7", *tfds)),
       dict(name="eval of a missing workdir", args=report(t / "nowhere", "--mode=eval")),
-      dict(name="train good", args=flat(good, "--config.train.steps=5")),
+      dict(name="train good", args=flat(good, "--config.train.steps=5",
+                                        "--config.train.eval_every=5")),
+      dict(name="eval at the trained step",
+           args=report(good, "--mode=eval", "--config.eval.num_samples=1000",
+                       "--config.eval.teacher_nfe=(64,)"),
+           after=f"W = {good!r}; os.replace(W + '/metrics.json', W + '/metrics_at_5.json')"),
       dict(name="unreadable checkpoint directory", args=flat(good, "--config.train.steps=5"),
            before=f"W = {good!r}; {snap}; os.chmod(W + '/checkpoints', 0)",
            after=f"W = {good!r}; os.chmod(W + '/checkpoints', 0o755); "
                  + snap.replace(".snap", ".snap2")),
-      dict(name="train noisy", args=flat(t / "noisy", "--config.train.steps=5")),
+      dict(name="train noisy", args=flat(t / "noisy", "--config.train.steps=5"),
+           before=f"W = {str(t / 'noisy')!r}; os.makedirs(W); open(W + '/tensorboard', 'w')",
+           after=f"W = {str(t / 'noisy')!r}; os.remove(W + '/tensorboard'); json.dump("
+                 "sorted(os.listdir(W + '/checkpoints')), open(W + '.ckpts', 'w'))"),
       dict(name="train full", args=flat(full, "--config.train.steps=5")),
       dict(name="full disk", args=flat(full, "--config.train.steps=10", "--allow_config_change"),
            fsize=20000),
@@ -215,8 +223,15 @@ def _run_cli_batch(root, t):
                        "--config.eval.teacher_nfe=(2,)"),
            before=f"p = {good!r} + '/config.json'; c = json.load(open(p)); "
                   "c['train']['steps'] = 8; json.dump(c, open(p, 'w'))"),
-      dict(name="sample", args=flat(good, "--mode=sample", "--nfe=2",
-                                    "--config.eval.num_samples=50")),
+      dict(name="sample", args=flat(good, "--mode=sample", "--nfe=1,64", "--step=5",
+                                    "--config.eval.num_samples=1000")),
+      dict(name="sample at a missing step", args=flat(good, "--mode=sample", "--step=3")),
+      dict(name="list", args=["--list"]),
+      dict(name="show_config", args=["--config", "experiments/toy2d.py:meanflow",
+                                     "--show_config", "--config.train.lr=0.5"]),
+      dict(name="nfe=0", args=flat(t / "w8", "--mode=sample", "--nfe=0")),
+      dict(name="nfe=abc", args=flat(t / "w9", "--mode=sample", "--nfe=1,abc")),
+      dict(name="step when training", args=flat(t / "w10", "--step=3")),
       dict(name="missing teacher", args=flat(t / "student", f"--config.teacher.workdir="
                                              f"{t / 'nope'}", method="direct_distill")),
       dict(name="experiment", args=flat(t / "exp")),
@@ -297,6 +312,10 @@ ONE_LINE_FAULTS = [
     ("unreadable checkpoint directory", "checkpoint directory {t}/good/checkpoints is not "
      "readable and writable (permission denied)", None),
     ("full disk", "could not write checkpoint step 10 to {t}/full/checkpoints", None),
+    ("sample at a missing step", "run '{t}/good' has no checkpoint step 3 (it has [1, 5])", None),
+    ("nfe=0", "flag --nfe=0: expected positive integers separated by commas", "w8"),
+    ("nfe=abc", "flag --nfe=1,abc: expected positive integers separated by commas", "w9"),
+    ("step when training", "--step=3 is for --mode=sample", "w10"),
 ]
 
 
@@ -359,13 +378,75 @@ def test_eval_honours_overrides_and_names_the_unfinished_step(cli):
   assert "checkpoint step 5 of 8 — **unfinished run**" in (t / "good" / "report.md").read_text()
 
 
-def test_sample_names_the_step_and_says_where_it_wrote(cli):
+def test_sample_writes_a_grid_per_nfe_and_one_npz_at_the_chosen_step(cli):
   results, t = cli
   r = results["sample"]
   assert r["rc"] == 0, r["stderr"][-3000:]
-  base = t / "good" / "samples_run_nfe2_step5"
-  assert f"to {base}.npy" in r["stdout"]
-  assert np.load(f"{base}.npy").shape == (50, 2)
-  info = json.loads(open(f"{base}.json").read())
-  assert (info["step"], info["steps"], info["finished"]) == (5, 8, False)
+  base = t / "good" / "samples_run_step5"
+  assert f"to {base}_nfe1-64.npz" in r["stdout"]
+  with np.load(f"{base}_nfe1-64.npz") as z:
+    assert sorted(z.files) == ["nfe1", "nfe64"] and z["nfe64"].shape == (1000, 2)
+  for nfe in (1, 64):
+    assert open(f"{base}_nfe{nfe}.png", "rb").read(4) == b"\x89PNG"
+  info = json.loads(open(f"{base}_nfe1-64.json").read())
+  assert (info["step"], info["steps"], info["finished"], info["nfe"]) == (5, 8, False, [1, 64])
   assert "unfinished" in _lines(r["stderr"])[0]
+
+
+def test_sample_and_eval_match_the_train_time_evaluation(cli):
+  """Same checkpoint, same seeds: the sliced W2 logged during training at step 5, the report of
+  --mode=eval and the samples of --mode=sample are the same numbers."""
+  from fmdistill import config as config_lib, data
+  from fmdistill.eval import metrics
+  results, t = cli
+  assert results["eval at the trained step"]["rc"] == 0
+  logged = [json.loads(l) for l in open(t / "good" / "metrics.jsonl")]
+  at_train = [l["eval/sliced_w2_nfe64"] for l in logged if "eval/sliced_w2_nfe64" in l]
+  report = json.loads((t / "good" / "metrics_at_5.json").read_text())["runs"]["run"]
+  assert report["step"] == 5 and len(at_train) == 1
+  source = data.make_source(config_lib.base("flow_matching").data, 0)
+  with np.load(t / "good" / "samples_run_step5_nfe1-64.npz") as z:
+    sampled = metrics.sliced_w2(z["nfe64"], source.reference(1000, 0))
+  np.testing.assert_allclose([report["nfe"]["64"]["sliced_w2"], sampled], at_train[0],
+                             rtol=1e-6)
+
+
+def test_list_and_show_config_need_no_workdir(cli):
+  from fmdistill import objectives
+  results, _ = cli
+  listed, shown = results["list"], results["show_config"]
+  assert listed["rc"] == 0 and shown["rc"] == 0, (listed["stderr"], shown["stderr"])
+  lines = _lines(listed["stdout"])
+  assert [l.split()[0] for l in lines] == objectives.names()
+  assert "MeanFlow from scratch" in next(l for l in lines if l.startswith("meanflow "))
+  fields = dict(l.split(" = ", 1) for l in _lines(shown["stdout"]))
+  assert fields["method"] == "'meanflow'" and fields["train.lr"] == "0.5"
+  assert fields["eval.student_nfe"] == "(1, 2, 4)" and fields["train.tensorboard"] == "True"
+  assert len(fields) > 60 and not shown["stderr"].strip()
+
+
+def test_tensorboard_holds_every_logged_scalar_and_the_evaluation_image(cli):
+  from fmdistill import tblog
+  results, t = cli
+  events = tblog.read_events(str(t / "good" / "tensorboard"))
+  tags = tblog.tags(events)
+  logged = [json.loads(l) for l in open(t / "good" / "metrics.jsonl")]
+  names = {k for line in logged for k in line if k not in ("step", "nonfinite")}
+  assert names <= set(tags), names - set(tags)
+  assert {"loss", "grad_norm", "health/dead_frac", "eval/sliced_w2_nfe64"} <= names
+  assert tags["eval/samples_nfe64"] == [5]
+  image = next(v.image for _, e in events for v in e.summary.value if v.HasField("image"))
+  assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > 100
+  loss = {e.step: v.simple_value for _, e in events for v in e.summary.value if v.tag == "loss"}
+  assert loss == {l["step"]: np.float32(l["loss"]) for l in logged}
+
+
+def test_a_tensorboard_failure_is_one_warning_and_keeps_the_checkpoints(cli):
+  results, t = cli
+  r = results["train noisy"]
+  lines = _lines(r["stderr"])
+  assert r["rc"] == 0 and len(lines) == 1, r["stderr"][-3000:]
+  assert lines[0].startswith("warning: TensorBoard logging stopped, could not write to "
+                             f"{t}/noisy/tensorboard")
+  assert "5" in json.loads((t / "noisy.ckpts").read_text())
+  assert (t / "noisy" / "metrics.jsonl").stat().st_size > 0
