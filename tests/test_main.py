@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fmdistill import checkpoint, runs
+from fmdistill import checkpoint, runs, tblog
 
 TINY = ["--config.model.width=16", "--config.model.depth=1", "--config.train.batch_size=32",
         "--config.eval.num_samples=200", "--config.eval.teacher_nfe=(1,4)", "--progress=false"]
@@ -62,3 +62,8 @@ def test_quickstart_end_to_end_with_a_tiny_budget(root, tmp_path):
   assert set(m["runs"]["student"]["nfe"]) == {"1", "2", "4"}
   assert m["noise_floor"]["sliced_w2"] > 0
   assert "data vs data (floor)" in open(os.path.join(wd, "report.md")).read()
+  for stage, nfe in (("teacher", 64), ("student", 1)):  # per stage: training and the report
+    events = tblog.read_events(os.path.join(wd, stage, "tensorboard"))
+    tags = tblog.tags(events)
+    assert {"loss", "grad_norm", f"report/sliced_w2_nfe{nfe}", "report/samples"} <= set(tags)
+    assert tags["report/samples"] == [m["runs"][stage]["step"]]
