@@ -11,14 +11,18 @@ r"""The entry point.
 Modes: ``train`` (train, then write the quality report), ``eval`` (report only) and ``sample``
 (for each of ``--nfe=1,2,4`` a PNG of the samples, and all of them in one ``.npz``; from the
 newest good checkpoint or ``--step``). ``--list`` and ``--show_config`` (the config with every
-field, overrides applied) print and exit without a workdir. A config with ``stages`` (a stage chain, e.g.
-the quickstart's teacher -> student, ReFlow rounds, progressive halving) runs each stage in
-``<workdir>/<stage>``; a stage whose method needs a teacher and names no ``teacher.workdir``
-distils the stage named by its ``teacher.stage``, or else the previous stage. A stage whose run
-is already finished is skipped on rerun.
+field, overrides applied) print and exit without a workdir.
+
+A config with ``stages`` (a stage chain, e.g. the quickstart's teacher -> student, ReFlow
+rounds, progressive halving) runs each stage in ``<workdir>/<stage>``; a stage whose method
+needs a teacher and names no ``teacher.workdir`` distils the stage named by its
+``teacher.stage``, or else the previous stage. A stage whose run is already finished is skipped
+on rerun. Each stage logs ``metrics.jsonl`` and TensorBoard files (``fmdistill.tblog``) in its
+workdir.
 
 ``--mode=eval`` and ``--mode=sample`` use the ``eval`` section of the config given on the
-command line (overrides included), read the runs at their newest good checkpoint, and name
+command line (overrides included), read the runs at their newest good checkpoint (``--mode=sample``:
+or ``--step``), and name
 that step (and whether the run is finished) in what they write. Errors are one line and exit
 code 2; SIGTERM at any point ends the process with one line (exit 0), after saving a
 checkpoint if it arrives during training.
