@@ -26,8 +26,8 @@ _MODEL = dict(name="mlp", width=256, depth=3, dtype="float32", patch=2, heads=4,
               modulation="adn", guidance_embed=False)
 _TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, schedule="cosine",
               final_lr=0.05, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
-              ema_decays=(0.999,), ema_power=(), ema_rampup=0.05, log_every=100, ckpt_every=500, keep=2,
-              eval_every=0, max_consecutive_skips=50)
+              ema_decays=(0.999,), ema_power=(), ema_rampup=0.05, log_every=100,
+              ckpt_every=500, keep=2, eval_every=0, max_consecutive_skips=50, tensorboard=True)
 _TEACHER = dict(workdir="", stage="", which="ema_0.999", guidance=1.0, init_student=True,
                 pair_cache="", pair_num=16384, pair_chunk=4096, pair_solver="heun", pair_nfe=64,
                 guidance_interval=(), allow_unfinished=False)

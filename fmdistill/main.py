@@ -4,16 +4,25 @@ r"""The entry point.
     python -m fmdistill.main --config experiments/toy2d.py:flow_matching --workdir runs/fm \
         --config.train.steps=5000 --config.train.lr=3e-4
     python -m fmdistill.main --config ... --workdir runs/fm --mode=eval
+    python -m fmdistill.main --config ... --workdir runs/fm --mode=sample --nfe=1,2,4 --step=500
+    python -m fmdistill.main --list                       # the methods, one line each
+    python -m fmdistill.main --config experiments/toy2d.py:meanflow --show_config
 
 Modes: ``train`` (train, then write the quality report), ``eval`` (report only) and ``sample``
-(write ``samples.npy`` and a PNG for ``--nfe``). A config with ``stages`` (a stage chain, e.g.
-the quickstart's teacher -> student, ReFlow rounds, progressive halving) runs each stage in
-``<workdir>/<stage>``; a stage whose method needs a teacher and names no ``teacher.workdir``
-distils the stage named by its ``teacher.stage``, or else the previous stage. A stage whose run
-is already finished is skipped on rerun.
+(for each of ``--nfe=1,2,4`` a PNG of the samples, and all of them in one ``.npz``; from the
+newest good checkpoint or ``--step``). ``--list`` and ``--show_config`` (the config with every
+field, overrides applied) print and exit without a workdir.
+
+A config with ``stages`` (a stage chain, e.g. the quickstart's teacher -> student, ReFlow
+rounds, progressive halving) runs each stage in ``<workdir>/<stage>``; a stage whose method
+needs a teacher and names no ``teacher.workdir`` distils the stage named by its
+``teacher.stage``, or else the previous stage. A stage whose run is already finished is skipped
+on rerun. Each stage logs ``metrics.jsonl`` and TensorBoard files (``fmdistill.tblog``) in its
+workdir.
 
 ``--mode=eval`` and ``--mode=sample`` use the ``eval`` section of the config given on the
-command line (overrides included), read the runs at their newest good checkpoint, and name
+command line (overrides included), read the runs at their newest good checkpoint (``--mode=sample``:
+or ``--step``), and name
 that step (and whether the run is finished) in what they write. Errors are one line and exit
 code 2; SIGTERM at any point ends the process with one line (exit 0), after saving a
 checkpoint if it arrives during training.
@@ -30,6 +39,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,14 +47,40 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fmdistill import config as config_lib, objectives, parallel, runs as runs_lib  # noqa: E402
-from fmdistill import train, workdir as workdir_lib  # noqa: E402
+from fmdistill import tblog, train, workdir as workdir_lib  # noqa: E402
 from fmdistill.errors import ConfigError, Preempted  # noqa: E402
 from fmdistill.eval import evaluate as evaluate_lib, plots, report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and reports")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "what to do")
-_NFE = flags.DEFINE_integer("nfe", 1, "network evaluations per sample, for --mode=sample")
+
+
+class _NfeParser(flags.ListParser):
+  """``--nfe=1,2,4``: positive integers separated by commas."""
+
+  def parse(self, argument):
+    items = super().parse(argument)
+    try:
+      nfes = [int(a) for a in items]
+    except ValueError:
+      nfes = []
+    if not nfes or min(nfes) < 1:
+      raise ValueError("expected positive integers separated by commas, e.g. --nfe=1,2,4")
+    return nfes
+
+  def flag_type(self):
+    return "list of positive integers"
+
+
+_NFE = flags.DEFINE(_NfeParser(), "nfe", "1", "network evaluations per sample for "
+                    "--mode=sample, one sample grid each: e.g. 1,2,4",
+                    serializer=flags.CsvListSerializer(","))
+_STEP = flags.DEFINE_integer("step", None, "the checkpoint step to sample (--mode=sample; "
+                             "default: the newest good one)")
+_LIST = flags.DEFINE_bool("list", False, "print the registered methods, one line each, and exit")
+_SHOW = flags.DEFINE_bool("show_config", False, "print the config of --config with every field "
+                          "(overrides applied) and exit")
 _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "classifier-free guidance scale for sampling and "
                                "the report: teachers (ODE) and students that take the scale as "
                                "an input (model.guidance_embed); baked-in students ignore it")
@@ -55,7 +91,6 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "move a workdir that holds a 
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume a run with settings "
                                   "that differ from the ones it was started with (the changes "
                                   "are recorded in provenance.json)")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def stages(config) -> list[tuple[str, object]]:
@@ -91,10 +126,12 @@ def resolve_teachers(steps: list[tuple[str, object]], workdir: str) -> dict[str,
   return dirs
 
 
-def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool = True,
-        overwrite: bool = False, evaluate: bool = True, guidance: float = 1.0,
-        allow_config_change: bool = False) -> dict:
-  """Programmatic form of the command line; returns the evaluation result (or {})."""
+def run(config, workdir: str, mode: str = "train", nfe: int | Sequence[int] = 1,
+        progress: bool = True, overwrite: bool = False, evaluate: bool = True,
+        guidance: float = 1.0, allow_config_change: bool = False,
+        step: int | None = None) -> dict:
+  """Programmatic form of the command line; returns the evaluation result (or {}).
+  ``nfe`` and ``step`` are for ``mode='sample'``."""
   steps = stages(config)
   chain = "stages" in config
   dirs = resolve_teachers(steps, workdir) if chain else {"run": workdir}
@@ -121,11 +158,16 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
     runs[name] = wd
   evals = {name: cfg.eval for name, cfg in steps}
   if mode == "sample":
-    return _sample(runs, workdir, nfe, evals, guidance)
+    return _sample(runs, workdir, [nfe] if isinstance(nfe, int) else list(nfe), evals,
+                   guidance, step)
   if not evaluate:
     return {}
   preempt.check("after training, before the evaluation")
   result = report.evaluate_runs(runs, workdir, evals=evals, guidance=guidance)
+  if mode == "train" and jax.process_index() == 0:
+    for name, cfg in steps:
+      if cfg.train.get("tensorboard", True):
+        report.to_tensorboard(result, name, workdir)
   title = f"fmdistill report: {workdir}"
   text = report.markdown(result, title, extra=config.get("description", ""))
   with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -133,52 +175,96 @@ def run(config, workdir: str, mode: str = "train", nfe: int = 1, progress: bool 
   return result
 
 
-def _sample(runs: dict, workdir: str, nfe: int, evals: dict, guidance: float = 1.0) -> dict:
-  """Samples of the last run at ``nfe`` (and classifier-free guidance scale ``guidance``):
-  ``samples_<run>_nfe<n>_step<step>.{npy,png,json}`` (the JSON names the run, its checkpoint
-  step, whether it is finished, the weights and the guidance scale)."""
+def _sample(runs: dict, workdir: str, nfes: list[int], evals: dict, guidance: float = 1.0,
+            step: int | None = None) -> dict:
+  """Samples of the last run at each of ``nfes`` (classifier-free guidance scale ``guidance``)
+  from its newest good checkpoint or ``step``: ``samples_<run>_step<step>_nfe<n>.png`` per NFE,
+  and ``samples_<run>_step<step>_nfe<n1>-<n2>.{npz,json}`` (the arrays, keyed ``nfe<n>``; the
+  JSON names the run, its checkpoint step, whether it is finished, the weights and the scale).
+  Every NFE starts from the same noise (``PRNGKey(config.seed)``), as the train-time
+  evaluation does."""
   name, wd = list(runs.items())[-1]
   ecfg = evals[name]
-  r = runs_lib.load_run(wd, ecfg.which)
+  r = runs_lib.load_run(wd, ecfg.which, step=step)
   config = r.config
   with config.unlocked():
     config.eval = ecfg
   if not r.finished:
     print(f"warning: run {name!r} in {wd} is unfinished; sampling its checkpoint at "
           f"{r.describe()}", file=sys.stderr)
-  x = evaluate_lib.generate(config, r.net, r.params, jax.random.PRNGKey(config.seed),
-                            ecfg.num_samples, nfe, guidance=guidance)
-  base = os.path.join(workdir, f"samples_{name}_nfe{nfe}_step{r.step}")
-  np.save(base + ".npy", x)
-  plots.samples_figure({f"{name} {nfe} NFE, {r.describe()}": x}, base + ".png")
+  base = os.path.join(workdir, f"samples_{name}_step{r.step}")
+  samples = {}
+  for nfe in nfes:
+    x = evaluate_lib.generate(config, r.net, r.params, jax.random.PRNGKey(config.seed),
+                              ecfg.num_samples, nfe, guidance=guidance)
+    plots.samples_figure({f"{name} {nfe} NFE, {r.describe()}": x}, f"{base}_nfe{nfe}.png")
+    samples[f"nfe{nfe}"] = x
+  base += "_nfe" + "-".join(map(str, nfes))
+  np.savez(base + ".npz", **samples)
   info = dict(run=name, workdir=wd, method=config.method, step=r.step, steps=r.steps,
-              finished=r.finished, which=r.which, nfe=nfe, guidance=float(guidance),
-              num_samples=int(len(x)))
+              finished=r.finished, which=r.which, nfe=nfes, guidance=float(guidance),
+              num_samples=int(ecfg.num_samples), seed=int(config.seed))
   with open(base + ".json", "w") as f:
     json.dump(info, f, indent=1)
-  print(f"wrote {len(x)} samples of {name!r} ({r.describe()}, {r.which}, {nfe} NFE) to "
-        f"{base}.npy (+ .png, .json)")
-  return {"samples": x.shape, "path": base + ".npy", **info}
+  print(f"wrote {ecfg.num_samples} samples of {name!r} ({r.describe()}, {r.which}) at NFE "
+        f"{','.join(map(str, nfes))} to {base}.npz (+ .json, a .png per NFE)")
+  return {"path": base + ".npz", **info}
+
+
+def list_methods() -> str:
+  """``--list``: every registered method and the first line of its description."""
+  names = objectives.names()
+  width = max(map(len, names))
+  doc = lambda n: (objectives.entry(n).doc.strip().splitlines() or [""])[0]
+  return "\n".join(f"{n:<{width}}  {doc(n)}" for n in names)
+
+
+def show_config(config) -> str:
+  """``--show_config``: every field of ``config`` (references resolved, overrides applied), one
+  ``field = value`` line each, in the syntax of a ``--config.<field>=<value>`` override."""
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from walk(v, f"{prefix}{k}.") if v else [f"{prefix}{k} = {{}}"]
+      else:
+        yield f"{prefix}{k} = {v!r}"
+  return "\n".join(walk(config.copy_and_resolve_references().to_dict(), ""))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
+  if _LIST.value:
+    print(list_methods())
+    return
+  needed = ["config"] + ([] if _SHOW.value else ["workdir"])
+  missing = [f"--{n}" for n in needed if flags.FLAGS[n].value is None]
+  if missing:
+    _fail(f"{' and '.join(missing)} must be given (see --help; --list needs neither)")
+  if _SHOW.value:
+    print(show_config(_CONFIG.value))
+    return
+  if _STEP.value is not None and _MODE.value != "sample":
+    _fail(f"--step={_STEP.value} is for --mode=sample (this is --mode={_MODE.value})")
   try:
     preempt.check()
     parallel.initialize()  # multi-process jobs: before anything touches the devices
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _NFE.value, _PROGRESS.value,
         _OVERWRITE.value, _EVAL.value, guidance=_GUIDANCE.value,
-        allow_config_change=_ALLOW_CHANGE.value)
+        allow_config_change=_ALLOW_CHANGE.value, step=_STEP.value)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
   except (ValueError, OSError, FloatingPointError) as e:  # OSError: FileNotFoundError, ...
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+    _fail(_one_line(e))
   if _EVAL.value and _MODE.value != "sample":
     print(f"done: see {os.path.join(_WORKDIR.value, 'report.md')}")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def _one_line(e: BaseException) -> str:

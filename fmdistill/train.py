@@ -4,8 +4,9 @@ The state (``fmdistill.state.TrainState``: the student, its EMAs, and every trai
 method declares) is built by ``setup``: data, the frozen teacher loaded from another run's
 workdir, the student initialised from the teacher's weights when it distils one
 (``teacher.init_student``), the parts. The step is ``fmdistill.step``. Checkpoints go through
-orbax (``fmdistill.checkpoint``); logging to a tqdm bar, ``metrics.jsonl`` and a stdout line
-every ``log_every`` steps.
+orbax (``fmdistill.checkpoint``); logging to a tqdm bar, ``metrics.jsonl``, TensorBoard event files
+(``fmdistill.tblog``, unless ``train.tensorboard=False``) and a stdout line every ``log_every``
+steps.
 
 One process owns a workdir while it trains (``workdir.lock``); a resumed run with another
 config is refused unless told (``allow_config_change``); a student pins its teacher's
@@ -19,14 +20,15 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from fmdistill import checkpoint, config as config_lib, data, metrics_log, objectives, parallel
-from fmdistill import preempt, runs, state as state_lib, step as step_lib, teacher as teacher_lib
-from fmdistill import workdir as workdir_lib
+from fmdistill import preempt, runs, state as state_lib, step as step_lib, tblog
+from fmdistill import teacher as teacher_lib, workdir as workdir_lib
 from fmdistill.data import prior
 from fmdistill.errors import ConfigError, Preempted
-from fmdistill.eval import evaluate
+from fmdistill.eval import evaluate, plots
 from fmdistill.state import TrainState
 
 Array = jax.Array
@@ -126,7 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   ``eval_fn(net, state) -> dict`` runs every ``train.eval_every`` steps (0 = never; default:
   ``evaluate.periodic_eval_fn``, sliced W2 to held-out data); its figures are logged with an
-  ``eval/`` prefix. ``stop_after`` ends this process after that many
+  ``eval/`` prefix; an array of samples among them (``ndim >= 2``) is drawn as a TensorBoard
+  image instead. ``stop_after`` ends this process after that many
   steps (checkpointed), to be resumed later with the same command. SIGTERM saves a checkpoint
   at the current step and raises ``Preempted``. The workdir is locked for the whole call; a
   resume whose config differs from the stored one needs ``allow_config_change``.
@@ -158,6 +161,8 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
   start = int(state.step)
   log = metrics_log.MetricsLog(os.path.join(workdir, "metrics.jsonl") if proc == 0 else None,
                                start)
+  tb = tblog.TBLog(os.path.join(workdir, tblog.DIR)
+                   if proc == 0 and t.get("tensorboard", True) else None, start)
   step_fn = step_lib.make_train_step(config, net, teacher, (mesh, state_sh, teacher_sh))
   end = t.steps if stop_after is None else min(t.steps, start + stop_after)
   bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
@@ -171,7 +176,7 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
       state, metrics = step_fn(state, batch, tparams)
       done = step + 1
       if done % t.log_every == 0 or done == t.steps:
-        _log(log, metrics, done, eval_fn, net, state, t, bar, progress, config.method)
+        _log((log, tb), metrics, done, eval_fn, net, state, t, bar, progress, config.method)
       if int(state.consecutive_skips) >= t.max_consecutive_skips > 0:
         _stop_non_finite(mngr, save, done, state, workdir)
       if preempt.requested():
@@ -185,6 +190,7 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
     mngr.wait_until_finished()
     mngr.close()
     log.close()
+    tb.close()
   return net, state
 
 
@@ -216,12 +222,19 @@ def _stop_non_finite(mngr, save, done: int, state: TrainState, workdir: str) -> 
       f"step {mngr.latest_step()}")
 
 
-def _log(log, metrics, done, eval_fn, net, state, t, bar, progress, method) -> None:
+def _log(logs, metrics, done, eval_fn, net, state, t, bar, progress, method) -> None:
+  log, tb = logs
   last = {k: float(v) for k, v in jax.device_get(metrics).items()}
   last.update(step=done)
+  samples = {}
   if eval_fn is not None and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-    last.update({f"eval/{k}": v for k, v in eval_fn(net, state).items()})
-  log.write(last)
+    figures = eval_fn(net, state)
+    samples = {k: v for k, v in figures.items() if isinstance(v, np.ndarray) and v.ndim >= 2}
+    last.update({f"eval/{k}": v for k, v in figures.items() if k not in samples})
+  tb.scalars(log.write(last), done)
+  for k, x in samples.items():
+    if tb.active:
+      tb.image(f"eval/{k}", plots.samples_png({f"{method} {k}, step {done}": x}), done)
   if log.f is not None:
     bar.set_postfix(loss=f"{last['loss']:.4g}")
     if not progress:

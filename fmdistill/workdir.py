@@ -37,7 +37,7 @@ from fmdistill.errors import ConfigDriftError, WorkdirError
 IDENTITY = ("method", "objective", "model", "data", "teacher", "seed", "data_shape")
 # fields that may change on resume without --allow_config_change (still recorded)
 FREE = ("eval.", "mesh.", "description", "stage_order", "train.log_every", "train.eval_every",
-        "train.ckpt_every", "train.keep", "train.max_consecutive_skips",
+        "train.ckpt_every", "train.keep", "train.max_consecutive_skips", "train.tensorboard",
         "teacher.allow_unfinished", "teacher.pair_cache")
 LOCK = "lock"
 

@@ -146,8 +146,11 @@ def test_periodic_evaluation_is_logged(tmp_path):
   c.train.eval_every = 5
   c.eval.which = "ema_0.9"
   c.eval.teacher_nfe = (2, 4)
+  c.train.tensorboard = False
   train.train_and_evaluate(c, str(tmp_path), progress=False)
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   evals = [l for l in lines if "eval/sliced_w2_nfe4" in l]
   assert [l["step"] for l in evals] == [5, 10]
   assert all(0 < l["eval/sliced_w2_nfe4"] < 10 for l in evals)
+  assert not any("samples" in k for l in lines for k in l)  # the samples go to TensorBoard
+  assert not (tmp_path / "tensorboard").exists()  # train.tensorboard=False: no event files

@@ -76,7 +76,8 @@ def noise_floor(source, n: int, features=None) -> dict:
 
 def periodic_eval_fn(config, source, n: int = 1000):
   """The train loop's evaluation hook: sliced W2 to held-out data at the method's smallest
-  evaluation NFE (flow-map students) or largest (ODE teachers), on ``config.eval.which``."""
+  evaluation NFE (flow-map students) or largest (ODE teachers), on ``config.eval.which``;
+  the samples come back too (``samples_nfe<n>``: the loop draws them for TensorBoard)."""
   reference = source.reference(n, 0)
   sampler = objectives.entry(config.method).sampler
   nfe = max(config.eval.teacher_nfe) if sampler == "ode" else min(config.eval.student_nfe)
@@ -85,5 +86,5 @@ def periodic_eval_fn(config, source, n: int = 1000):
     which = config.eval.which
     params = state.ema[which] if which in state.ema else state.params
     x = generate(config, net, params, jax.random.PRNGKey(config.seed), len(reference), nfe)
-    return {f"sliced_w2_nfe{nfe}": metrics.sliced_w2(x, reference)}
+    return {f"sliced_w2_nfe{nfe}": metrics.sliced_w2(x, reference), f"samples_nfe{nfe}": x}
   return fn

@@ -1,6 +1,8 @@
 """PNG figures: sample scatters (2-D), image grids, and quality-vs-NFE curves."""
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -10,7 +12,16 @@ import numpy as np  # noqa: E402
 
 def samples_figure(panels: dict[str, np.ndarray], path: str, reference: np.ndarray | None = None,
                    title: str = "") -> None:
-  """One panel per entry: a scatter for ``(n, 2)`` arrays, an image grid for ``(n, H, W, C)``."""
+  """One panel per entry: a scatter for ``(n, 2)`` arrays, an image grid for ``(n, H, W, C)``;
+  written as a PNG to ``path``."""
+  png = samples_png(panels, reference, title)
+  with open(path, "wb") as f:
+    f.write(png)
+
+
+def samples_png(panels: dict[str, np.ndarray], reference: np.ndarray | None = None,
+                title: str = "") -> bytes:
+  """``samples_figure`` as PNG bytes (for TensorBoard images)."""
   items = ([("data", reference)] if reference is not None else []) + list(panels.items())
   fig, axes = plt.subplots(1, len(items), figsize=(3.0 * len(items), 3.2), squeeze=False)
   for ax, (name, x) in zip(axes[0], items):
@@ -27,8 +38,10 @@ def samples_figure(panels: dict[str, np.ndarray], path: str, reference: np.ndarr
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
+  return buf.getvalue()
 
 
 def image_grid(x: np.ndarray, cols: int = 8) -> np.ndarray:

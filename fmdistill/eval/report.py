@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from fmdistill import data, flowmap, objectives, paths, runs as runs_lib
+from fmdistill import data, flowmap, objectives, paths, runs as runs_lib, tblog
 from fmdistill.eval import classifier, evaluate, plots, straightness
 
 
@@ -88,6 +88,25 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result
+
+
+def to_tensorboard(result: dict, name: str, out_dir: str) -> None:
+  """``evaluate_runs``'s figures for run ``name`` appended to its TensorBoard files at its
+  checkpoint step: ``report/<figure>_nfe<n>``, ``report/floor_<figure>``,
+  ``report/straightness`` (velocity models) and the image ``report/samples`` (the
+  ``samples_<name>.png`` written into ``out_dir``)."""
+  r = result["runs"][name]
+  record = {f"report/{k}_nfe{nfe}": v for nfe, q in r["nfe"].items() for k, v in q.items()
+            if k != "seconds"}
+  record.update({f"report/floor_{k}": v for k, v in result["noise_floor"].items()})
+  if "straightness" in r:
+    record["report/straightness"] = r["straightness"]
+  tb = tblog.TBLog(os.path.join(r["workdir"], tblog.DIR), 0)
+  tb.scalars(record, r["step"])
+  if tb.active:
+    with open(os.path.join(out_dir, f"samples_{name}.png"), "rb") as f:
+      tb.image("report/samples", f.read(), r["step"])
+  tb.close()
 
 
 def ode_straightness(config, net, params, seed: int, n: int, steps: int = 64) -> float:
