@@ -14,8 +14,9 @@ cannot rot.
   ``pytest`` commands name test files that exist; ``pip install`` names extras that
   ``setup.cfg`` defines; ``gcloud ... --command "..."`` is checked for the command it carries.
   Any other command fails the test.
-* ```` ```text ```` blocks (recorded output, formulas) are neither; a block without a language
-  tag fails the test, so every block says which it is.
+* ```` ```text ```` blocks (recorded output, formulas) are neither, except that a recorded
+  benchmark's ``command: python benchmarks/...`` line is checked like a shell command; a block
+  without a language tag fails the test, so every block says which it is.
 """
 import configparser
 import copy
@@ -193,9 +194,18 @@ def classify(cmd: list[str]) -> tuple[str, list[str]]:
                        f"{shlex.join(cmd)!r}; tag the block text if it is output")
 
 
+def recorded_commands(body: str) -> list[list[str]]:
+  """The ``command: python benchmarks/...`` lines that recorded benchmark output starts with
+  (placeholders such as ``<runs>`` kept as strings, an optional ``[--flag]`` unbracketed)."""
+  lines = re.findall(r"^command: (python benchmarks/.*)$", body, re.M)
+  return [c for line in lines for c in commands(re.sub(r"\[(--[^\]]+)\]", r"\1", line))]
+
+
 def shell_commands() -> list[tuple[str, str, list[str]]]:
   out = []
   for bid, lang, body in BLOCKS:
+    if lang in SKIPPED:
+      out += [(bid, "benchmark", cmd[1:]) for cmd in recorded_commands(body)]
     if lang in CHECKED:
       pending = commands(body)
       while pending:
@@ -226,6 +236,7 @@ out = {}
 for key, args in json.load(sys.stdin):
   script = args[0]
   sys.argv = list(args)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does
   try:
     spec = importlib.util.spec_from_file_location("_bench_" + str(len(out)), script)
     mod = importlib.util.module_from_spec(spec)
@@ -238,6 +249,8 @@ for key, args in json.load(sys.stdin):
     out[key] = f"argparse refused {args[1:]} (exit {e.code})"
   except BaseException:
     out[key] = traceback.format_exc(limit=-3)
+  finally:
+    sys.path.pop(0)
 print("\n@@RESULTS@@" + json.dumps(out))
 """
 
