@@ -65,10 +65,9 @@ config = load_config(os.path.join(ROOT, "experiments/toy2d.py") + ":quickstart")
 for stage in config.stages.values():  # tiny budget: small network, few steps, small caches
   stage.model.update(width=64, depth=2)
   stage.train.update(batch_size=128, lr=3e-3, warmup_steps=20, log_every=100, ckpt_every=1000)
-  # a few hundred steps are too few for the EMA (decay 0.999) to forget the initial weights:
-  # evaluate, and distil, the raw parameters
-  stage.eval.update(num_samples=1000, teacher_nfe=(1, 4, 16), which="params")
-  stage.teacher.which = "params"
+  # the EMA (decay 0.999) ramps up as in EDM, so even a few hundred steps are averaged over
+  # the recent weights only: the default weights (`eval.which = 'ema_0.999'`) are evaluated
+  stage.eval.update(num_samples=1000, teacher_nfe=(1, 4, 16))
 config.stages.teacher.train.steps = 300
 config.stages.student.train.steps = 200
 config.stages.student.teacher.update(pair_num=2048, pair_chunk=2048, pair_nfe=16)
@@ -95,7 +94,7 @@ print(sorted(os.listdir(workdir)))
 # the teacher is poor and a distilled student is needed.
 
 # %%
-teacher = runs.load_run(os.path.join(workdir, "teacher"), "params")
+teacher = runs.load_run(os.path.join(workdir, "teacher"), "ema_0.999")
 o = teacher.config.objective
 path = paths.get_path(o.path, o.sigma_d)
 param = flowmap.Parameterization(o.param, o.sigma_d)
@@ -118,7 +117,7 @@ plt.show()
 # A flow-map student jumps `f(x_t, t, s)` along a uniform grid: one network evaluation per jump.
 
 # %%
-student = runs.load_run(os.path.join(workdir, "student"), "params")
+student = runs.load_run(os.path.join(workdir, "student"), "ema_0.999")
 reference = data.make_source(student.config.data, student.config.seed).reference(1000, 0)
 fig, axes = plt.subplots(1, 4, figsize=(12, 3), sharex=True, sharey=True)
 axes[0].scatter(reference[:, 0], reference[:, 1], s=1)
