@@ -38,7 +38,7 @@ _PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9
              weight_decay=0.0, grad_clip=1.0, every=1, updates=1, start=0, ema_decay=0.0)
 _EVAL = dict(num_samples=2000, teacher_nfe=(1, 2, 4, 8, 64), student_nfe=(1, 2, 4),
              solver="euler", gamma=0.0, which="ema_0.999", classifier_steps=600,
-             inception_weights="", fid_reference_num=50_000)
+             inception_weights="", fid_reference_num=50_000, fid_batch=50)
 
 
 def base(method: str) -> ml_collections.ConfigDict:
@@ -246,8 +246,10 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
   _check(isinstance(w, str) and (not w or os.path.isfile(w)), "eval.inception_weights", w,
          "'' or a local InceptionV3 weight file (.npz/.pkl; fmdistill/eval/fid.py: layout)")
   _check(not w or c.data.name != "toy", "eval.inception_weights", w, "'' for 2-D toy data")
-  _check(_int(e.get("fid_reference_num", 1)) and e.get("fid_reference_num", 1) >= 2,
+  _check(_int(e.get("fid_reference_num", 2)) and e.get("fid_reference_num", 2) >= 2,
          "eval.fid_reference_num", e.get("fid_reference_num"), "an integer >= 2")
+  _check(_int(e.get("fid_batch", 1)) and e.get("fid_batch", 1) >= 1, "eval.fid_batch",
+         e.get("fid_batch"), "a positive integer")
   kept = ["params"] + state_lib.ema_names(c.train)
   _check(e.which in kept, "eval.which", e.which, f"the weights this run keeps: {kept} (EMAs "
          "come from train.ema_decays and train.ema_power)")

@@ -32,7 +32,8 @@ def _fid(config, source, workdir: str):
   path = config.eval.get("inception_weights", "")
   if not path:
     return None
-  features = fid_lib.feature_fn(fid_lib.load_params(path))
+  features = fid_lib.feature_fn(fid_lib.load_params(path),
+                                batch=config.eval.get("fid_batch", 50))
   d = config.data
   name = d.tfds_name if d.name == "tfds" else f"{d.name}{d.num_examples}"
   n = min(source.size, config.eval.get("fid_reference_num", 50_000))

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fmdistill import config as config_lib, data
+from fmdistill import config as config_lib, data, train
 from fmdistill.data import scenes, tfds_builder, tfds_source
 from fmdistill.errors import ConfigError
 
@@ -83,3 +83,16 @@ def test_tfds_build_serves_the_same_arrays(tmp_path):
   cfg.split = "train"
   src = data.make_source(cfg, seed=0)
   assert src.shape == (32, 32, 3) and src.size == 512 and src.num_classes == 10
+
+
+@pytest.mark.slow
+def test_scene_configs_train_a_step_in_the_loop(tmp_path):
+  """The DiT teacher and a flow-map student (MeanFlow, trained from scratch) at 32x32 RGB take
+  real steps through the train loop (tiny network; ~20 s of CPU, so ``-m slow``)."""
+  for method in ("flow_matching", "meanflow"):
+    c = digits.get_config(f"{method},data=scenes,steps=2")
+    c.data.num_examples = 64
+    c.model.update(width=16, depth=1, heads=2)
+    c.train.update(batch_size=8, log_every=1, ckpt_every=2, warmup_steps=0)
+    net, state = train.train_and_evaluate(c, str(tmp_path / method), progress=False)
+    assert int(state.step) == 2

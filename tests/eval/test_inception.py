@@ -138,3 +138,29 @@ def test_fid_to_itself_is_zero_and_a_shift_costs_its_square(tmp_path):
   # the closed form for Gaussians with different covariances: N(0, I) vs N(m, s^2 I)
   assert abs(metrics.frechet_from_stats(np.zeros(3), np.eye(3), np.ones(3), 0.25 * np.eye(3))
              - (3 + 3 * 0.25)) < 1e-9
+
+
+@pytest.mark.slow
+def test_report_adds_fid_with_its_floor_and_caches_the_statistics(net, tmp_path):
+  """A tiny digits run evaluated with (random) Inception weights: an ``fid`` column beside the
+  floor, the reference statistics cached under the weights' hash (~1 min of CPU: ``-m slow``)."""
+  from fmdistill import train
+  from fmdistill.eval import report
+  _, params = net
+  weights = str(tmp_path / "inception.npz")
+  fid.save_weights(params, weights)
+  c = config_lib.base("flow_matching")
+  c.data.update(name="digits", conditional=True)
+  c.model.update(name="dit", width=16, depth=1, heads=2, patch=2)
+  c.train.update(steps=2, batch_size=16, log_every=2, ckpt_every=2)
+  c.eval.update(num_samples=8, teacher_nfe=(1,), classifier_steps=2, inception_weights=weights,
+                fid_reference_num=8, fid_batch=4)
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(c, wd, progress=False)
+  out = str(tmp_path / "report")
+  result = report.evaluate_runs({"run": wd}, out)
+  floor, q = result["noise_floor"]["fid"], result["runs"]["run"]["nfe"][1]["fid"]
+  assert np.isfinite(floor) and floor >= 0 and np.isfinite(q) and q > floor
+  cached = [f for f in os.listdir(out) if f.startswith("fid_stats_digits")]
+  assert cached == [fid.stats_key("digits4096", "all", 8, fid.file_sha256(weights))]
+  assert "`fid`" in report.markdown(result, "t")
