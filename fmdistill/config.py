@@ -212,7 +212,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   else:
     _check(c.model.name == "dit", "model.name", c.model.name, "'dit' for image data")
   if c.data.name in ("shapes", "scenes"):
-    _check(_int(c.data.num_examples) and c.data.num_examples >= 2, "data.num_examples", c.data.num_examples, ">= 2")
+    _check(_int(c.data.num_examples) and c.data.num_examples >= 2, "data.num_examples",
+           c.data.num_examples, "an integer >= 2")
   _validate_eval(c)
   _check(0 <= c.eval.gamma <= 1, "eval.gamma", c.eval.gamma, "[0, 1]")
   _check(c.eval.solver in sampling.SOLVERS, "eval.solver", c.eval.solver,

@@ -57,7 +57,8 @@ class FmdistillScenes(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name="default", description="train 8192 (seed 0), test 2048 (seed 1)"),
+      tfds.core.BuilderConfig(name="default",
+                              description="train 8192 (seed 0), test 2048 (seed 1)"),
       tfds.core.BuilderConfig(name="small", description="train 512 (seed 0), test 128 (seed 1)")]
   SIZES = {"default": (8192, 2048), "small": (512, 128)}
 

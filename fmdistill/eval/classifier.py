@@ -61,8 +61,8 @@ class ConvNet32(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Classifier:
   """``features``: images ``(n, H, W, C)`` -> ``(n, 64)``; ``predict``: images -> labels
-  ``(n,)`` in ``[0, num_classes)``; ``accuracy`` on a batch of the (training) data: it says the features separate the
-  classes, not that they generalise."""
+  ``(n,)`` in ``[0, num_classes)``; ``accuracy`` on a batch of the (training) data: it says the
+  features separate the classes, not that they generalise."""
   features: Callable[[np.ndarray], np.ndarray]
   predict: Callable[[np.ndarray], np.ndarray]
   accuracy: float

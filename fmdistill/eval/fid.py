@@ -91,8 +91,9 @@ def load_params(path: str) -> dict:
     v = raw[key].astype(np.float32)
     v = v.transpose(2, 3, 1, 0) if part == "conv" and v.ndim == 4 else v
     if v.shape != shape:
+      expected = (shape[3], shape[2], shape[0], shape[1]) if part == "conv" else shape
       raise DataError(f"Inception weights {path!r}: {key!r} has shape {raw[key].shape}; "
-                      f"expected {(shape[3], shape[2], shape[0], shape[1]) if part == 'conv' else shape}")
+                      f"expected {expected}")
     flat[p] = jnp.asarray(v)
   return jax.tree_util.tree_map_with_path(
       lambda kp, _: flat["/".join(str(k.key) for k in kp)], shaped)

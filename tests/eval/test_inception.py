@@ -123,7 +123,8 @@ def test_fid_to_itself_is_zero_and_a_shift_costs_its_square(tmp_path):
   x = rng.standard_normal((600, 2, 2, 2))
   feats = lambda im: np.asarray(im, np.float64).reshape(len(im), -1)
   cache = str(tmp_path / fid.stats_key("fmdistill_scenes/small", "train", 600, "ab" * 32))
-  assert os.path.basename(cache) == "fid_stats_fmdistill_scenes-small_train_600_abababababababab.npz"
+  assert os.path.basename(cache) == ("fid_stats_fmdistill_scenes-small_train_600_"
+                                     "abababababababab.npz")
   mu, sigma = fid.reference_stats(lambda idx: x[idx], len(x), feats, cache, batch=128)
   assert os.path.isfile(cache)
   score = fid.fid_fn(feats, mu, sigma)
