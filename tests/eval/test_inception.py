@@ -46,6 +46,9 @@ def test_features_and_the_weight_file_round_trip(net, tmp_path):
     assert z["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
     assert z["Mixed_7c.branch3x3dbl_3b.bn.running_var"].shape == (384,)
     assert len(z.files) == 94 * 5
+    names = inception.layer_names(params)
+    assert len(names) == 94 and "Mixed_7b.branch3x3dbl_3a" in names
+    assert all(f"{n}.bn.running_mean" in z.files for n in names)
   loaded = fid.load_params(path)
   np.testing.assert_array_equal(np.asarray(run(loaded, x)), f)
 
