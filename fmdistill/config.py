@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 
 import jax
 import ml_collections
 
 from fmdistill import flowmap, models, objectives, parallel, paths, sampling, state as state_lib
+from fmdistill import data as data_lib
 from fmdistill.data import toy
 from fmdistill.errors import ConfigError
 
@@ -35,7 +37,8 @@ _TEACHER = dict(workdir="", stage="", which="ema_0.999", guidance=1.0, init_stud
 _PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9, b2=0.999,
              weight_decay=0.0, grad_clip=1.0, every=1, updates=1, start=0, ema_decay=0.0)
 _EVAL = dict(num_samples=2000, teacher_nfe=(1, 2, 4, 8, 64), student_nfe=(1, 2, 4),
-             solver="euler", gamma=0.0, which="ema_0.999", classifier_steps=600)
+             solver="euler", gamma=0.0, which="ema_0.999", classifier_steps=600,
+             inception_weights="", fid_reference_num=50_000, fid_batch=50)
 
 
 def base(method: str) -> ml_collections.ConfigDict:
@@ -204,15 +207,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for i, rule in enumerate(c.mesh.rules):
     _check(len(rule) == 2 and isinstance(rule[0], str), f"mesh.rules[{i}]", rule,
            "(regex, spec) pairs, spec a tuple of mesh axes/None or 'fsdp'")
-  _check(c.data.name in ("toy", "digits", "shapes", "tfds"), "data.name", c.data.name,
-         ["digits", "shapes", "tfds", "toy"])
+  _check(c.data.name in data_lib.DATASETS, "data.name", c.data.name, sorted(data_lib.DATASETS))
   if c.data.name == "toy":
     _check(c.data.toy in toy.TOYS, "data.toy", c.data.toy, sorted(toy.TOYS))
     _check(c.model.name == "mlp", "model.name", c.model.name, "'mlp' for 2-D toy data")
   else:
     _check(c.model.name == "dit", "model.name", c.model.name, "'dit' for image data")
-  if c.data.name == "shapes":
-    _check(c.data.num_examples >= 2, "data.num_examples", c.data.num_examples, ">= 2")
+  if c.data.name in ("shapes", "scenes"):
+    _check(_int(c.data.num_examples) and c.data.num_examples >= 2, "data.num_examples",
+           c.data.num_examples, "an integer >= 2")
   _validate_eval(c)
   _check(0 <= c.eval.gamma <= 1, "eval.gamma", c.eval.gamma, "[0, 1]")
   _check(c.eval.solver in sampling.SOLVERS, "eval.solver", c.eval.solver,
@@ -242,6 +245,14 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
     _check(_ints(e[name]), f"eval.{name}", e[name], "a non-empty tuple of positive integers")
   _check(_int(e.classifier_steps) and e.classifier_steps >= 1, "eval.classifier_steps",
          e.classifier_steps, "a positive integer")
+  w = e.get("inception_weights", "")
+  _check(isinstance(w, str) and (not w or os.path.isfile(w)), "eval.inception_weights", w,
+         "'' or a local InceptionV3 weight file (.npz/.pkl; fmdistill/eval/fid.py: layout)")
+  _check(not w or c.data.name != "toy", "eval.inception_weights", w, "'' for 2-D toy data")
+  _check(_int(e.get("fid_reference_num", 2)) and e.get("fid_reference_num", 2) >= 2,
+         "eval.fid_reference_num", e.get("fid_reference_num"), "an integer >= 2")
+  _check(_int(e.get("fid_batch", 1)) and e.get("fid_batch", 1) >= 1, "eval.fid_batch",
+         e.get("fid_batch"), "a positive integer")
   kept = ["params"] + state_lib.ema_names(c.train)
   _check(e.which in kept, "eval.which", e.which, f"the weights this run keeps: {kept} (EMAs "
          "come from train.ema_decays and train.ema_power)")

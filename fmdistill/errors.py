@@ -7,6 +7,11 @@ class ConfigError(ValueError):
   the accepted values."""
 
 
+class DataError(ValueError):
+  """A data or weights file the user supplied is missing, unreadable or of the wrong layout; the
+  message names the file."""
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint in the workdir does not fit the config (different parameter shapes)."""
 

@@ -12,10 +12,10 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from fmdistill.data import images, toy
+from fmdistill.data import images, scenes, toy
 from fmdistill.errors import ConfigError
 
-DATASETS = ("toy", "digits", "shapes", "tfds")
+DATASETS = ("toy", "digits", "shapes", "scenes", "tfds")
 
 
 @dataclasses.dataclass
@@ -103,14 +103,22 @@ def _tfds_source(cfg: ml_collections.ConfigDict, seed: int) -> ArraySource:
   return ArraySource(get, len(src), seed, tuple(x0.shape), cfg.num_classes if labelled else 0)
 
 
+def _bundled(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """The arrays of a dataset generated or shipped with the library (always seed 0: the data
+  set is fixed, the run's seed only orders the batches)."""
+  if name == "digits":
+    return images.digits()
+  return images.shapes(n, seed=0) if name == "shapes" else scenes.scenes(n, seed=0)
+
+
 def make_source(cfg: ml_collections.ConfigDict, seed: int) -> Any:
   """The data source named by ``cfg.name`` (one of ``DATASETS``)."""
   if cfg.name == "toy":
     if cfg.toy not in toy.TOYS:
       raise ConfigError(f"config.data.toy must be one of {sorted(toy.TOYS)}, got {cfg.toy!r}")
     return ToySource(toy.TOYS[cfg.toy], seed)
-  if cfg.name in ("digits", "shapes"):
-    x, y = images.digits() if cfg.name == "digits" else images.shapes(cfg.num_examples, seed=0)
+  if cfg.name in ("digits", "shapes", "scenes"):
+    x, y = _bundled(cfg.name, cfg.num_examples)
     y = y if cfg.conditional else None
     return ArraySource(_array_getter(x, y), len(x), seed, tuple(x.shape[1:]),
                        int(y.max()) + 1 if y is not None else 0)

@@ -55,23 +55,31 @@ def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler
   return run
 
 
-def quality(samples: np.ndarray, reference: np.ndarray, features=None) -> dict:
+def quality(samples: np.ndarray, reference: np.ndarray, clf=None, fid=None) -> dict:
   """Distances of ``samples`` to ``reference``: sliced W2 always; energy distance and MMD for
-  vectors; Fréchet distance on ``features(x)`` when a feature function is given (images)."""
+  vectors; for images with a classifier ``clf`` (``classifier.Classifier``), the Fréchet
+  distance on its features and the per-class coverage of its predictions
+  (``metrics.class_coverage``); ``fid``: a function ``samples -> Inception FID``
+  (``fid.FID``) when Inception weights are given."""
   out = {"sliced_w2": metrics.sliced_w2(samples, reference)}
   if samples.ndim == 2:
     out["energy"] = metrics.energy_distance(samples, reference)
     out["mmd"] = metrics.mmd_rbf(samples, reference)
-  if features is not None:
-    out["fd"] = metrics.frechet_distance(features(samples), features(reference))
-  if not np.all(np.isfinite(samples)):
+  finite = bool(np.all(np.isfinite(samples)))
+  if clf is not None:
+    out["fd"] = metrics.frechet_distance(clf.features(samples), clf.features(reference))
+    out.update(metrics.class_coverage(clf.predict(samples), clf.num_classes))
+  if fid is not None:
+    out["fid"] = fid(samples) if finite else float("nan")
+  if not finite:
     out = {k: float("nan") for k in out}
   return out
 
 
-def noise_floor(source, n: int, features=None) -> dict:
-  """``quality`` between two independent data samples of size ``n``."""
-  return quality(source.reference(n, 1), source.reference(n, 2), features)
+def noise_floor(source, n: int, clf=None, fid=None) -> dict:
+  """``quality`` between two independent data samples of size ``n`` (for FID: the held-out
+  sample against the reference statistics)."""
+  return quality(source.reference(n, 1), source.reference(n, 2), clf, fid)
 
 
 def periodic_eval_fn(config, source, n: int = 1000):

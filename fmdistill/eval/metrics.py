@@ -52,14 +52,39 @@ def mmd_rbf(a, b, bandwidths=(0.1, 0.3, 1.0, 3.0)) -> float:
   return float(k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean())
 
 
-def frechet_distance(fa, fb) -> float:
-  """Fréchet distance between Gaussians fitted to feature arrays ``(n, k)`` (as in FID)."""
-  fa, fb = _flat(fa), _flat(fb)
-  mu_a, mu_b = fa.mean(0), fb.mean(0)
-  ca, cb = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+def gaussian_stats(f) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean (k,), covariance (k, k))`` of features ``(n, k)``, float64 (unbiased, as FID)."""
+  f = _flat(f)
+  return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def frechet_from_stats(mu_a, cov_a, mu_b, cov_b, eps: float = 1e-6) -> float:
+  """``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))``, the Fréchet distance of two
+  Gaussians. When the product is singular enough that its square root is not finite, ``eps I``
+  is added to both covariances (as the reference FID code does)."""
+  mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+  ca, cb = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
   covmean = linalg.sqrtm(ca @ cb)
+  if not np.all(np.isfinite(covmean)):
+    off = eps * np.eye(len(ca))
+    covmean = linalg.sqrtm((ca + off) @ (cb + off))
   covmean = np.real(covmean)
   return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
+
+
+def frechet_distance(fa, fb) -> float:
+  """Fréchet distance between Gaussians fitted to feature arrays ``(n, k)`` (as in FID)."""
+  return frechet_from_stats(*gaussian_stats(fa), *gaussian_stats(fb))
+
+
+def class_coverage(labels, num_classes: int) -> dict[str, float]:
+  """How evenly predicted ``labels`` ``(n,)`` cover ``num_classes`` classes, against uniform:
+  ``coverage_max_dev = max_c |frac_c - 1/C|`` (0 when uniform; ``1 - 1/C`` when one class
+  takes everything) and ``coverage_low``, the number of classes with ``frac_c < 0.5 / C``."""
+  frac = np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes)[:num_classes]
+  frac = frac / max(len(np.asarray(labels).reshape(-1)), 1)
+  return {"coverage_max_dev": float(np.abs(frac - 1.0 / num_classes).max()),
+          "coverage_low": float((frac < 0.5 / num_classes).sum())}
 
 
 METRICS: dict[str, Callable] = {"sliced_w2": sliced_w2, "energy": energy_distance,

@@ -10,20 +10,38 @@ import jax
 import numpy as np
 
 from fmdistill import data, flowmap, objectives, paths, runs as runs_lib, tblog
-from fmdistill.eval import classifier, evaluate, plots, straightness
+from fmdistill.eval import classifier, evaluate, fid as fid_lib, plots, straightness
 
 
-def _features(config, workdir: str):
-  """Classifier features for image data (cached in ``workdir``), else ``None``."""
+def _classifier(config, workdir: str) -> classifier.Classifier | None:
+  """The data classifier for labelled image data (cached in ``workdir``), else ``None``."""
   if len(config.data_shape) != 3:
-    return None, None
+    return None
   dcfg = config.data.copy_and_resolve_references()
   dcfg.conditional = True
   src = data.make_source(dcfg, config.seed)
   if src.num_classes == 0:
-    return None, None
+    return None
   return classifier.train_classifier(src, steps=config.eval.classifier_steps,
                                      cache=os.path.join(workdir, "classifier.npz"))
+
+
+def _fid(config, source, workdir: str):
+  """``samples -> Inception FID`` against the dataset's reference statistics (cached in
+  ``workdir``) when ``eval.inception_weights`` names a weight file, else ``None``."""
+  path = config.eval.get("inception_weights", "")
+  if not path:
+    return None
+  features = fid_lib.feature_fn(fid_lib.load_params(path),
+                                batch=config.eval.get("fid_batch", 50))
+  d = config.data
+  name = d.tfds_name if d.name == "tfds" else f"{d.name}{d.num_examples}"
+  n = min(source.size, config.eval.get("fid_reference_num", 50_000))
+  cache = os.path.join(workdir, fid_lib.stats_key(name, d.split if d.name == "tfds" else "all",
+                                                  n, fid_lib.file_sha256(path)))
+  mu, sigma = fid_lib.reference_stats(lambda idx: source.get(idx)["x"], source.size, features,
+                                      cache, max_examples=n)
+  return fid_lib.fid_fn(features, mu, sigma)
 
 
 def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
@@ -47,12 +65,13 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
   n = ecfg[name0].num_samples
   with first.unlocked():
     first.eval = ecfg[name0]
-  features, acc = _features(first, out_dir)
+  clf = _classifier(first, out_dir)
+  fid = _fid(first, source, out_dir)
   reference = source.reference(n, 0)
-  floor = evaluate.noise_floor(source, n, features)
+  floor = evaluate.noise_floor(source, n, clf, fid)
   result = {"noise_floor": floor, "num_samples": int(len(reference)), "runs": {}}
-  if acc is not None:
-    result["classifier_accuracy"] = acc
+  if clf is not None:
+    result["classifier_accuracy"] = clf.accuracy
   curves = {}
   for name, wd in runs.items():
     run = runs_lib.load_run(wd, ecfg[name].which)
@@ -69,7 +88,7 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
       t0 = time.time()
       x = evaluate.generate(config, net, params, jax.random.PRNGKey(seed), len(reference), nfe,
                             guidance=guidance)
-      q = evaluate.quality(x, reference, features)
+      q = evaluate.quality(x, reference, clf, fid)
       q["seconds"] = time.time() - t0
       per_nfe[int(nfe)] = q
       panels[f"{name} {nfe} NFE"] = x
@@ -140,7 +159,12 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
   lines.append("")
   if "classifier_accuracy" in result:
     lines += [f"FD uses features of a classifier trained on the data "
-              f"(accuracy {result['classifier_accuracy']:.3f}).", ""]
+              f"(accuracy {result['classifier_accuracy']:.3f}); `coverage_max_dev` is the largest "
+              "|fraction of samples the classifier assigns to a class - 1/C|, `coverage_low` the "
+              "number of classes given under half their uniform share.", ""]
+  if "fid" in floor:
+    lines += ["`fid`: Inception FID against the dataset's reference statistics (the floor row: "
+              "held-out data, which the statistics may include).", ""]
   lines += ["| run | method | NFE | " + " | ".join(keys) + " | seconds |",
             "|---|---|---|" + "---|" * (len(keys) + 1)]
   lines.append("| data vs data (floor) | | | " + " | ".join(f"{floor[k]:.4g}" for k in keys)

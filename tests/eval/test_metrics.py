@@ -39,3 +39,19 @@ def test_noise_floor_uses_two_samples():
     return np.random.default_rng(seed).standard_normal((n, 2))
   floor = metrics.noise_floor(metrics.sliced_w2, sample, 500)
   assert floor > 0 and sorted(calls) == [1, 2]
+
+
+def test_class_coverage_hand_computed():
+  """Uniform predictions -> 0 deviation, no class under half its share; everything in one of C
+  classes -> max |frac - 1/C| = 1 - 1/C and C - 1 classes under half their share."""
+  c = 10
+  uniform = metrics.class_coverage(np.arange(1000) % c, c)
+  assert uniform == {"coverage_max_dev": 0.0, "coverage_low": 0.0}
+  one = metrics.class_coverage(np.full(500, 3), c)
+  assert abs(one["coverage_max_dev"] - 0.9) < 1e-12 and one["coverage_low"] == 9
+  # 4 classes, fractions (0.5, 0.3, 0.2, 0): deviations (.25, .05, .05, .25); 0 < 0.125
+  mixed = metrics.class_coverage(np.array([0] * 5 + [1] * 3 + [2] * 2), 4)
+  assert abs(mixed["coverage_max_dev"] - 0.25) < 1e-12 and mixed["coverage_low"] == 1
+  # a class at exactly half its share (0.125 of 8 = 1 of 8 samples... here 1 of 8) is not low
+  half = metrics.class_coverage(np.array([0, 1, 1, 1, 2, 2, 3, 3]), 4)
+  assert half["coverage_low"] == 0 and abs(half["coverage_max_dev"] - 0.125) < 1e-12
