@@ -33,6 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fmdistill.errors import ConfigError
 from fmdistill.paths import bcast
 
 Array = jax.Array
@@ -173,6 +174,40 @@ def warmup(step: Array | int, steps: int) -> Array:
 def adaptive_weight(err: Array, c: float, p: float) -> Array:
   """MeanFlow's adaptive L2 weight ``stopgrad(1 / (err + c)^p)`` for per-example ``err (B,)``."""
   return sg(1.0 / (err + c) ** p)
+
+
+REDUCTIONS = ("mean", "sum")
+
+
+def sq_error(diff: Array, reduce: str = "mean") -> Array:
+  """Per-example squared error ``(B, ...) -> (B,)`` in float32: the *mean* over the non-batch
+  axes (``'mean'``, size independent) or their *sum* (``'sum'``, the official MeanFlow / iMF
+  code's ``jnp.sum(loss, axis=(1, 2, 3))``). ``sum = D mean`` for ``D`` dimensions."""
+  if reduce not in REDUCTIONS:
+    raise ValueError(f"adaptive_reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
+  x = jnp.square(diff.astype(jnp.float32)).reshape(diff.shape[0], -1)
+  return jnp.mean(x, axis=-1) if reduce == "mean" else jnp.sum(x, axis=-1)
+
+
+def check_adaptive(o) -> None:
+  """Config checks of the MeanFlow-style fields (``adaptive_reduce``, the guidance window) of
+  the objective section ``o``; raises ``ConfigError`` naming the field."""
+  reduce = o.get("adaptive_reduce", "mean")
+  if reduce not in REDUCTIONS:
+    raise ConfigError(f"config.objective.adaptive_reduce={reduce!r} is invalid; accepted: "
+                      f"{list(REDUCTIONS)}")
+  lo, hi = o.get("guidance_t_min", 0.0), o.get("guidance_t_max", 1.0)
+  if not 0.0 <= lo <= hi:
+    raise ConfigError(f"config.objective.guidance_t_min/guidance_t_max=({lo!r}, {hi!r}) is "
+                      "invalid; accepted: 0 <= guidance_t_min <= guidance_t_max")
+
+
+def adaptive_loss(diff: Array, c: float, p: float, reduce: str = "mean") -> tuple[Array, Array]:
+  """MeanFlow's adaptively weighted L2 loss ``mean_B[sg(1 / (e + c)^p) e]`` with
+  ``e = sq_error(diff, reduce)``; returns ``(loss, e)``. With ``reduce='sum'`` over ``D``
+  dimensions the loss equals ``D^(1-p)`` times the ``'mean'`` loss with the constant ``c / D``."""
+  err = sq_error(diff, reduce)
+  return jnp.mean(adaptive_weight(err, c, p) * err), err
 
 
 # ----------------------------------------------------------------------------- learned weight
