@@ -55,7 +55,8 @@ def common(method: str, size: str) -> ml_collections.ConfigDict:
   c.data.update(name="tfds", tfds_name="", split="train", image_key="latent",
                 label_key="label", num_classes=1000, conditional=True)
   width, depth, heads = SIZES[size]
-  c.model.update(name="dit", patch=2, width=width, depth=depth, heads=heads, dtype="bfloat16")
+  c.model.update(name="dit", patch=2, width=width, depth=depth, heads=heads)
+  c.model.dtype = "float32"  # MeanFlow/iMF: training.half_precision = False; others unverified
   c.train.update(log_every=1000, ckpt_every=10_000, weight_decay=0.0)
   c.eval.update(num_samples=10_000, student_nfe=(1, 2), teacher_nfe=(1, 2, 4, 8, 64),
                 solver="euler", fid_reference_num=50_000)
@@ -126,7 +127,8 @@ def imf(size: str) -> ml_collections.ConfigDict:
 def distill(method: str, size: str) -> ml_collections.ConfigDict:
   """sCD / rCM from the ``flow_matching`` teacher. No paper trains these on ImageNet-256 DiT
   latents: the values are sCM's ImageNet-512 latent settings as recalled (P_mean -0.8,
-  P_std 1.6, tangent warmup 10k, batch 2048?, lr 1e-4, betas (0.9, 0.99)) -- unverified."""
+  P_std 1.6, tangent warmup 10k, betas (0.9, 0.99)); batch, lr, EMA and length are
+  placeholders. All unverified."""
   c = common(method, size)
   o = c.objective
   o.sigma_d = 0.5                                 # sCM's latent sigma_d 0.5 (unverified)
