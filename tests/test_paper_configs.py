@@ -1,7 +1,8 @@
 """The paper-scale configs (``experiments/cifar10.py``, ``experiments/imagenet.py``): every
 variant resolves and validates, and one train step of each runs on CPU with tiny overrides on a
-tiny TFDS dataset generated in tmp with the configs' feature names. One step per family runs in
-the default suite; the rest are ``slow`` (15-minute budget)."""
+tiny TFDS dataset generated in tmp with the configs' feature names. The default suite (a hard
+15-minute budget) runs one compiled step, ImageNet MeanFlow (the tangent family, conditional
+latents, the official loss options); every other variant's step is ``slow``."""
 import os
 import sys
 
@@ -148,8 +149,10 @@ def imagenet_teacher(data_dir, tmp_path_factory) -> str:
   return wd
 
 
+@pytest.mark.slow
 def test_cifar10_teacher_trains_one_step(cifar_teacher):
-  """Flow-matching family (default suite): the CIFAR-10 teacher, unconditional uint8 images."""
+  """Flow-matching family: the CIFAR-10 teacher, unconditional uint8 images (slow: the default
+  suite's budget holds one compiled step of these configs, the MeanFlow one below)."""
   assert os.path.isfile(os.path.join(cifar_teacher, "config.json"))
 
 
