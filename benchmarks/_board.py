@@ -127,6 +127,9 @@ def student_job(exp, spec: str, keys: list[str], seed: int, steps: int, teacher:
   for s in stage_configs(c):
     for item in filter(None, over.split("@")):
       k, v = item.split("=", 1)
+      if k not in s.objective:
+        raise ValueError(f"{spec!r}: method {name!r} has no objective field {k!r}; its "
+                         f"fields: {sorted(s.objective)}")
       s.objective[k] = literal(v, s.objective[k])
     apply_sets(s, sets)
   if "stages" not in c:

@@ -100,12 +100,12 @@ def student_rows(evals: dict, metric: str, nfes=(1, 2, 4)) -> list[dict]:
   return rows
 
 
-def fmt(ms: tuple[float, float] | None, digits: int = 4) -> str:
+def fmt(ms: tuple[float, float] | None, spec: str = ".4g") -> str:
   """``'0.0932'`` or ``'0.0932 ± 0.0011'`` (with a standard deviation), ``'–'`` if absent."""
   if ms is None:
     return "–"
   m, s = ms
-  return f"{m:.{digits}g}" + ("" if math.isnan(s) else f" ± {s:.2g}")
+  return f"{m:{spec}}" + ("" if math.isnan(s) else f" ± {s:{spec}}")
 
 
 def _rel(costs: dict, name: str, key: str) -> float | None:
@@ -121,7 +121,7 @@ def quality_table(rows: list[dict], metric: str, ref: int = REFERENCE) -> list[s
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     q = [fmt(r["q"].get(n)) for n in (1, 2, 4)]
-    x = [fmt(r["ratio"].get(n), 3) for n in (1, 2, 4)]
+    x = [fmt(r["ratio"].get(n), ".2f") for n in (1, 2, 4)]
     lines.append(f"| {r['name']} | {r['method']} | {r['steps']} | " + " | ".join(q + x) + " |")
   return lines
 
@@ -167,6 +167,10 @@ def speedup_table(items: list[dict]) -> list[str]:
       lines.append(f"| {s['name']} | {s['nfe']} | {s['q']:.4g} | not matched | "
                    f"{s['run_s'] * 1e3:.3g} | – | – | {s['compile_s']:.2f} / – |")
       continue
+    if s["speedup"] is None:  # matched, but that teacher NFE was not timed
+      lines.append(f"| {s['name']} | {s['nfe']} | {s['q']:.4g} | {s['matched']} | "
+                   f"{s['run_s'] * 1e3:.3g} | not timed | – | {s['compile_s']:.2f} / – |")
+      continue
     tc = s["teacher_compile_s"]
     lines.append(f"| {s['name']} | {s['nfe']} | {s['q']:.4g} | {s['matched']} | "
                  f"{s['run_s'] * 1e3:.3g} | {s['teacher_s'] * 1e3:.3g} | {s['speedup']:.1f}x | "
@@ -180,10 +184,9 @@ def csv_rows(rows: list[dict], costs: dict, spd: list[dict]) -> list[dict]:
   for r in rows:
     d = dict(name=r["name"], method=r["method"], train_steps=r["steps"], seeds=r["seeds"])
     for n in (1, 2, 4):
-      m, s = r["q"].get(n, (None, None))
-      d[f"q_nfe{n}"], d[f"q_nfe{n}_std"] = m, s
-      m, s = r["ratio"].get(n, (None, None))
-      d[f"ratio_nfe{n}"], d[f"ratio_nfe{n}_std"] = m, s
+      for key, ms in ((f"q_nfe{n}", r["q"].get(n)), (f"ratio_nfe{n}", r["ratio"].get(n))):
+        m, s = ms or (None, None)
+        d[key], d[key + "_std"] = m, None if s is None or math.isnan(s) else s
     c = costs.get(r["name"], {})
     d.update(step_ms=c.get("step_s", 0) * 1e3 if c else None,
              step_x_fm=_rel(costs, r["name"], "step_s"),
@@ -223,8 +226,27 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def plot(evals: dict, rows: list[dict], metric: str, path: str) -> None:
-  """Quality vs NFE: the teacher's curve, every student at its NFEs, the floor dashed."""
-  curves = {"teacher": teacher_curve(evals, metric)}
-  curves.update({r["name"]: {n: m for n, (m, _) in r["q"].items()} for r in rows})
+  """Quality vs NFE on log-log axes: the teacher's curve (black), every student at its NFEs
+  (error bars: std over seeds), the data-vs-data floor dashed; the legend beside the axes."""
+  fig, ax = plots.plt.subplots(figsize=(7 + 2 * (len(rows) > 12), 4.5))
+  t = teacher_curve(evals, metric)
+  ax.plot(list(t), list(t.values()), "k-", lw=2.5, marker="s", label="teacher (Euler)")
+  markers = "os^vD<>ph*"
+  for i, r in enumerate(rows):
+    nfes = sorted(r["q"])
+    ys = [r["q"][n][0] for n in nfes]
+    err = [0.0 if math.isnan(r["q"][n][1]) else r["q"][n][1] for n in nfes]
+    ax.errorbar(nfes, ys, yerr=err, marker=markers[i % len(markers)], ms=4, lw=1,
+                capsize=2, color=f"C{i % 10}", label=r["name"])
   floor = mean_std([e["floor"][metric] for e in evals.values()])[0]
-  plots.quality_figure(curves, floor, metric, path)
+  ax.axhline(floor, ls="--", color="gray", label="data vs data (floor)")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("NFE")
+  ax.set_ylabel(metric)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+            ncol=1 + (len(rows) > 16))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plots.plt.close(fig)
