@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 from fmdistill import data, runs, train  # noqa: E402
 from fmdistill.eval import evaluate, metrics  # noqa: E402
 import toy2d  # noqa: E402
-from tangent import machine  # noqa: E402  (benchmarks/tangent.py)
+from _common import machine  # noqa: E402  (benchmarks/_common.py)
 
 STUDENTS = {"freeflow": ("freeflow", {}),
             "freeflow_pred": ("freeflow", {"corrector_weight": 0.0}),

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,24 +33,19 @@ import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from fmdistill import flowmap, models, objectives, paths, runs as runs_lib  # noqa: E402
 from fmdistill.config import base  # noqa: E402
-from fmdistill.objectives import _common  # noqa: E402
+from fmdistill.objectives import _common as obj_common  # noqa: E402
+
+import _common  # noqa: E402  (benchmarks/_common.py)
 
 METHODS = ("scm_ct", "scm_cd", "meanflow", "meanflow_distill", "ayf_emd", "ayf_lmd", "facm",
            "fmm_forward", "fmm_backward", "fmm_forward_self", "fmm_backward_self",
            "imf", "tvm", "freeflow")
-# discrete consistency, CTM and IMM (docs/consistency.md): all start from the teacher's weights,
-# those that need no teacher in their loss too (--methods cm_cd,cm_ct,ict,ect,ctm,imm)
-FAMILY = ("cm_cd", "cm_ct", "ict", "ect", "ctm", "imm")
-
-
-def machine() -> str:
-  dev = jax.devices()[0]
-  return (f"{platform.node()} | {platform.processor() or platform.machine()} | "
-          f"{os.cpu_count()} CPUs visible | jax {jax.__version__} | {dev.platform}:"
-          f" {dev.device_kind}")
+# discrete consistency, CTM and IMM (docs/consistency.md) start from the teacher's weights
+# (_board.SELF_INIT), those that need no teacher in their loss too: --methods cm_cd,cm_ct,...
 
 
 # ----------------------------------------------------------------------------- speed
@@ -98,13 +91,13 @@ def _step(name, net, params, teacher, batch, *, target_ema="", variant="", overr
 
 def _meanflow_no_stop_gradient(params, batch, key, *, net, cfg, **_):
   """MeanFlow with the tangent left differentiable (the cost the stop-gradient avoids)."""
-  path = _common.path_of(cfg)
+  path = obj_common.path_of(cfg)
   x0 = batch["x"]
   kt, kn = jax.random.split(key)
-  t, s = _common.sample_pairs(kt, x0.shape[0], cfg, path)
-  x_t, _, v = _common.noisy(kn, x0, t, path)
+  t, s = obj_common.sample_pairs(kt, x0.shape[0], cfg, path)
+  x_t, _, v = obj_common.noisy(kn, x0, t, path)
   u, du = jax.jvp(lambda x_, t_: net(params, x_, t_, s), (x_t, t), (v, jnp.ones_like(t)))
-  err = _common.mean_sq(u - (v - paths.bcast(t - s, du) * du))
+  err = obj_common.mean_sq(u - (v - paths.bcast(t - s, du) * du))
   return jnp.mean(err), {}
 
 
@@ -126,24 +119,10 @@ def _part_step(name, part_name, net, params, teacher_fn, tparams, batch):
 
 
 def _compile(fn, state):
-  """``(compiled, GFLOP-count, peak temp bytes)``; one warm call to allocate buffers."""
-  compiled = fn.lower(*state).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  """``(compiled, FLOP count, peak temp bytes)``; one warm call to allocate buffers."""
+  compiled, st = _common.compile_stats(fn, *state)
   jax.block_until_ready(compiled(*state))
-  return compiled, float(cost.get("flops", np.nan)), compiled.memory_analysis().temp_size_in_bytes
-
-
-def _time_round_robin(items, reps):
-  """Median seconds per step of each ``(compiled, state)``, timed in interleaved rounds so
-  that drift in the machine's speed affects every method alike."""
-  times = [[] for _ in items]
-  for _ in range(reps):
-    for i, (compiled, state) in enumerate(items):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*state))
-      times[i].append(time.perf_counter() - t0)
-  return [float(np.median(t)) for t in times]
+  return compiled, st["flops"], st["temp_bytes"]
 
 
 def speed(args) -> str:
@@ -183,7 +162,7 @@ def speed(args) -> str:
       compiled, flops, mem = _compile(fn, state)
       results.append((f"{name}: one {part_name} update", flops, mem))
       items.append((compiled, state))
-  secs = _time_round_robin(items, args.reps)
+  secs = _common.time_round_robin(items, args.reps)
   results = [r + (s,) for r, s in zip(results, secs)]
   f0, m0, s0 = results[0][1:]
   lines = [f"DiT depth {args.depth}, width {args.width}, heads {args.heads}, "
@@ -200,47 +179,27 @@ def speed(args) -> str:
 # ----------------------------------------------------------------------------- quality
 
 
-# stage chains (issue 11): ReFlow rounds and progressive halving, run from --teacher
-CHAINS = ("reflow", "progressive")
-# self-distillation methods that start from the teacher's weights (their losses need no teacher)
-TEACHER_INIT = ("shortcut", "splitmeanflow", "tri_consistency")
-
-
-def _chain_runs(m, args, toy2d) -> dict:
-  """Train (``--train``) the chain ``m`` from ``--teacher``; ``{stage: workdir}`` of its
-  finished-or-started stages (a rerun resumes: finished stages are skipped)."""
-  from fmdistill import main as main_lib
-  c = toy2d.get_config(f"{m},toy={args.toy},teacher={os.path.abspath(args.teacher)}"
-                       + (",distill=True" if m == "reflow" else ""))
-  wd = os.path.join(args.runs, m)
-  if args.train:
-    main_lib.run(c, wd, progress=False, evaluate=False)
-  return {f"{m}:{n}": os.path.join(wd, n) for n in c.stage_order
-          if os.path.exists(os.path.join(wd, n, "checkpoints"))}
+def quality_runs(args) -> dict:
+  """``{row: workdir}`` of the teacher and every student under ``--runs`` that has a
+  checkpoint; ``--train`` first trains (or resumes) the unfinished ones
+  (``benchmarks/_board.py``, which the leaderboard uses too)."""
+  import _board
+  exp = _board.load_experiment(os.path.join(ROOT, "experiments", "toy2d.py"))
+  teacher = os.path.abspath(args.teacher)
+  run_dirs = {"teacher": args.teacher}
+  for m in args.methods.split(","):
+    job = _board.student_job(exp, m, [f"toy={args.toy}"], 0, 0, teacher,
+                             os.path.join(args.runs, m), [])
+    if args.train and not job.finished():  # resumes an interrupted run
+      _board.train_job(job)
+    run_dirs.update({n: wd for n, wd in job.runs().items()
+                     if os.path.exists(os.path.join(wd, "checkpoints"))})
+  return run_dirs
 
 
 def quality(args) -> str:
-  from fmdistill import train
   from fmdistill.eval import report
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import toy2d
-  run_dirs = {"teacher": args.teacher}
-  for m in args.methods.split(","):
-    if m in CHAINS:
-      run_dirs.update(_chain_runs(m, args, toy2d))
-      continue
-    wd = os.path.join(args.runs, m)
-    if args.train and not runs_lib.is_finished(wd):  # resumes an interrupted run
-      name, _, over = m.partition("@")  # 'tri_consistency@split=backward': objective overrides
-      c = toy2d.method_config(name, args.toy)
-      for item in filter(None, over.split("@")):
-        k, v = item.split("=", 1)
-        c.objective[k] = type(c.objective[k])(v)
-      if objectives.entry(name).needs_teacher or name in FAMILY + TEACHER_INIT:
-        c.teacher.workdir = args.teacher
-      train.train_and_evaluate(c, wd, progress=False)
-    if os.path.exists(os.path.join(wd, "checkpoints")):
-      run_dirs[m] = wd
+  run_dirs = quality_runs(args)
   res = report.evaluate_runs(run_dirs, args.out or os.path.join(args.runs, "report"))
   floor = res["noise_floor"]["sliced_w2"]
   t = res["runs"]["teacher"]["nfe"]
@@ -286,7 +245,7 @@ def main() -> None:
   q.add_argument("--train", action="store_true")
   q.add_argument("--out", default="")
   args = p.parse_args()
-  print(f"machine: {machine()}")
+  print(f"machine: {_common.machine()}")
   print(f"command: python {' '.join(sys.argv)}")
   print()
   print(speed(args) if args.part == "speed" else quality(args))

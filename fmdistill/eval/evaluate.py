@@ -22,12 +22,19 @@ def generate(config: ml_collections.ConfigDict, net: Any, params: Any, key: Arra
   multistep flow-map jumps; a student that takes the guidance scale as an input
   (``model.guidance_embed``) is given ``guidance`` (a student with a baked-in scale ignores
   it)."""
+  fn = sampler_fn(config, net, n, nfe, sampler=sampler, guidance=guidance)
+  return np.asarray(fn(params, key))
+
+
+def sampler_fn(config: ml_collections.ConfigDict, net: Any, n: int, nfe: int, *,
+               sampler: str | None = None, guidance: float = 1.0):
+  """The jitted ``(params, key) -> n samples`` that ``generate`` calls (cached per setting;
+  ``.lower(params, key).compile()`` to time its compilation apart from its runs)."""
   o = config.objective
   sampler = sampler or objectives.entry(config.method).sampler
-  fn = _sampler_fn(net, tuple(config.data_shape), o.path, o.sigma_d, o.param, o.num_classes,
-                   sampler, nfe, config.eval.solver, config.eval.gamma, guidance, n,
-                   bool(config.model.get("guidance_embed", False)))
-  return np.asarray(fn(params, key))
+  return _sampler_fn(net, tuple(config.data_shape), o.path, o.sigma_d, o.param, o.num_classes,
+                     sampler, nfe, config.eval.solver, config.eval.gamma, guidance, n,
+                     bool(config.model.get("guidance_embed", False)))
 
 
 @functools.lru_cache(maxsize=64)

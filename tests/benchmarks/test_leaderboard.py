@@ -1,0 +1,133 @@
+"""benchmarks/leaderboard.py: the speedup matching and seed arithmetic on hand-made numbers, the
+outputs it writes, the plan of a dry run; end to end on tiny runs (slow): tables, CSVs and PNG
+written, a rerun resumes, ``--seeds 2`` gives std columns, the CSV holds the report's numbers."""
+import csv
+import math
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+from fmdistill.eval import leaderboard as lb
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import leaderboard  # noqa: E402  (benchmarks/leaderboard.py)
+
+
+def test_matched_nfe_is_the_smallest_teacher_nfe_at_least_as_good():
+  teacher = {1: 1.0, 2: 0.5, 4: 0.2, 8: 0.1, 64: 0.09}
+  assert lb.matched_nfe(teacher, 0.2) == 4  # equal counts as matched
+  assert lb.matched_nfe(teacher, 0.15) == 8
+  assert lb.matched_nfe(teacher, 5.0) == 1
+  assert lb.matched_nfe(teacher, 0.05) is None  # better than the teacher anywhere: not matched
+  assert lb.matched_nfe(teacher, float("nan")) is None
+  assert lb.matched_nfe({1: 1.0, 2: float("nan"), 4: 0.3}, 0.4) == 4  # a NaN NFE never matches
+  # non-monotone teacher curve: the smallest NFE that reaches it, not the first crossing
+  assert lb.matched_nfe({1: 1.0, 2: 0.3, 4: 0.35, 8: 0.2}, 0.32) == 2
+  n, x = lb.speedup(teacher, 0.15, 0.002, {8: 0.016, 1: 0.002})
+  assert (n, x) == (8, 8.0)
+  assert lb.speedup(teacher, 0.05, 0.002, {8: 0.016}) == (None, None)
+
+
+def _evals(seeds=2):
+  """Hand-made ``evals``: teacher at 1..64 NFE, one student, per-seed figures."""
+  out = {}
+  for k in range(seeds):
+    t = {n: {"sliced_w2": 1.0 / n + 0.01 * k} for n in (1, 2, 4, 8, 16, 32, 64)}
+    s = {1: {"sliced_w2": 0.2 + 0.02 * k}, 2: {"sliced_w2": 0.001 + 0.002 * k},
+         4: {"sliced_w2": 0.3}}
+    out[k] = {"floor": {"sliced_w2": 0.01},
+              "runs": {"teacher": {"method": "flow_matching", "step": 5, "steps": 5, "nfe": t},
+                       "st": {"method": "meanflow", "step": 5, "steps": 5, "nfe": s}}}
+  return out
+
+
+def test_seed_means_stds_and_ratios_to_the_teacher_of_the_same_seed():
+  rows = lb.student_rows(_evals(), "sliced_w2")
+  q1, ratio1 = rows[0]["q"][1], rows[0]["ratio"][1]
+  assert q1[0] == pytest.approx(0.21) and q1[1] == pytest.approx(math.sqrt(2) * 0.01)
+  r = [0.2 / (1 / 64), 0.22 / (1 / 64 + 0.01)]
+  assert ratio1[0] == pytest.approx(sum(r) / 2)
+  assert math.isnan(lb.student_rows(_evals(1), "sliced_w2")[0]["q"][1][1])  # one seed: no std
+
+
+def test_write_outputs_tables_csvs_and_plot(tmp_path):
+  evals = _evals()
+  costs = {"teacher": dict(step_s=1e-3, flops=1e6, temp_bytes=2 ** 20, compile_s=1.0,
+                           loops=False),
+           "st": dict(step_s=3e-3, flops=2e6, temp_bytes=2 ** 21, compile_s=2.0, loops=True)}
+  times = {("st", 1): dict(run_s=1e-3, compile_s=0.5), ("st", 2): dict(run_s=2e-3, compile_s=0.5),
+           ("teacher", 8): dict(run_s=8e-3, compile_s=0.7)}
+  text = leaderboard.write(str(tmp_path), ["machine: m", "command: c"], evals, costs, times)
+  assert "| st | meanflow | 5 | 0.21 ± 0.01414 |" in text
+  assert "| st | 1 | 0.21 | 8 | 1 | 8 | 8.0x | 0.50 / 0.70 |" in text  # teacher@8: 0.13
+  assert "| st | 2 | 0.002 | not matched |" in text  # better than the teacher@64 (0.0206)
+  assert "| st | 3 | 3.00 | 2.0 | 0.002 † | 2.00 | 2 | 2.00 |" in text
+  with open(tmp_path / "leaderboard.csv") as f:
+    row = next(csv.DictReader(f))
+  assert float(row["q_nfe1_std"]) == pytest.approx(math.sqrt(2) * 0.01)
+  assert row["matched_teacher_nfe_1"] == "8" and float(row["speedup_nfe1"]) == 8.0
+  with open(tmp_path / "quality.csv") as f:
+    long = list(csv.DictReader(f))
+  assert {(r["seed"], r["run"], r["nfe"]) for r in long} >= {("1", "teacher", "64"),
+                                                             ("0", "st", "4")}
+  assert os.path.getsize(tmp_path / "quality_vs_nfe.png") > 1000
+
+
+def test_dry_run_lists_every_student_and_trains_nothing(tmp_path, capsys):
+  runs = tmp_path / "runs"
+  leaderboard.main(["--config", "experiments/toy2d.py", "--toy", "moons", "--dry-run",
+                    "--runs", str(runs), "--out", str(tmp_path / "out"), "--seeds", "2",
+                    "--methods", "meanflow,reflow,tri_consistency@split=backward"])
+  out = capsys.readouterr().out
+  assert "dataset: moons" in out
+  assert "[1/7] train    teacher seed 0 (4000 steps)" in out
+  assert "reflow seed 1 (2000, 2000, 2000 steps)" in out  # 2 rounds + the distill stage
+  assert f"tri_consistency@split=backward seed 0 (4000 steps) -> {runs}" in out
+  assert not runs.exists() and not (tmp_path / "out").exists()
+  with pytest.raises(ValueError, match="no objective field 'no_such'"):
+    leaderboard.main(["--config", "experiments/toy2d.py", "--dry-run", "--runs", str(runs),
+                      "--methods", "meanflow@no_such=1"])
+
+
+TINY = ["--config", "experiments/toy2d.py", "--toy", "checkerboard", "--steps", "5",
+        "--methods", "cm_cd,direct_distill", "--teacher_nfe", "1,2,4", "--reps", "1",
+        "--set", "model.width=16", "--set", "model.depth=1", "--set", "train.batch_size=32",
+        "--set", "eval.num_samples=64", "--set", "teacher.pair_num=64",
+        "--set", "teacher.pair_chunk=64", "--set", "train.log_every=5",
+        "--set", "train.ckpt_every=5"]
+
+
+@pytest.mark.slow
+def test_end_to_end_resumes_gives_stds_and_the_report_numbers(tmp_path, capsys):
+  from fmdistill.eval import report
+  args = TINY + ["--seeds", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+  leaderboard.main(args)
+  first = capsys.readouterr().out
+  out = tmp_path / "out"
+  for f in ("leaderboard.md", "leaderboard.csv", "quality.csv", "quality_vs_nfe.png",
+            "samples/samples_cm_cd.png", "samples/samples_teacher_seed1.png"):
+    assert (out / f).exists(), f
+  assert "[5/5] done     direct_distill seed 1" in first
+  with open(out / "leaderboard.csv") as f:
+    rows = {r["name"]: r for r in csv.DictReader(f)}
+  assert set(rows) == {"cm_cd", "direct_distill"}
+  assert float(rows["cm_cd"]["q_nfe1_std"]) >= 0 and rows["cm_cd"]["seeds"] == "2"
+  assert float(rows["cm_cd"]["step_x_fm"]) > 0 and float(rows["cm_cd"]["temp_x_fm"]) > 0
+  md = (out / "leaderboard.md").read_text()
+  assert " ± " in md and "## Sampling speedup" in md
+  # a rerun trains, evaluates and measures nothing
+  leaderboard.main(args)
+  second = capsys.readouterr().out
+  assert second.count("finished ") == 5 and "done " not in second
+  assert "evaluated" not in second and "measured" not in second
+  # the CSV holds what the report computes for the same checkpoint and sampling seed
+  wd = str(tmp_path / "runs" / "seed1" / "cm_cd")
+  res = report.evaluate_runs({"cm_cd": wd}, str(tmp_path / "check"), seed=1)
+  with open(out / "quality.csv") as f:
+    got = {(r["nfe"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)
+           if r["run"] == "cm_cd" and r["seed"] == "1"}
+  want = {(str(n), k): v for n, q in res["runs"]["cm_cd"]["nfe"].items() for k, v in q.items()
+          if k != "seconds"}
+  assert want and all(got[k] == want[k] for k in want)
