@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fmdistill import config as config_lib, objectives, runs as runs_lib, state as state_lib
+from fmdistill import config as config_lib, objectives, runs as runs_lib
 from fmdistill import step as step_lib, teacher as teacher_lib, train
 from fmdistill.errors import ConfigError
 from fmdistill.eval import evaluate
@@ -167,17 +167,9 @@ def step_cost(workdir: str, reps: int) -> dict:
   entry = objectives.entry(config.method)
   teacher = teacher_lib.load(config)
   source = _source(config, entry, teacher, workdir)
-  k_model, k_parts, k_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  net, params = state_lib.build_network(config, tuple(config.data_shape),
-                                        config.objective.num_classes, k_model)
-  if teacher is not None and config.teacher.init_student:
-    params = state_lib.from_teacher(params, teacher.params)
-  ctx = objectives.PartContext(
-      config=config, net=net, params=params,
-      teacher_params=None if teacher is None else teacher.params,
-      teacher_fn=None if teacher is None else teacher_lib.velocity_fn(teacher, config),
-      teacher=teacher)
-  st = state_lib.init_state(config, params, state_lib.init_parts(config, ctx, k_parts), k_state)
+  net, st = train.initial_state(config, teacher, tuple(config.data_shape),
+                                config.objective.num_classes,
+                                teacher is not None and config.teacher.init_student)
   st = st.replace(step=jnp.asarray(int(config.train.steps), jnp.int32))
   fn = step_lib.make_train_step(config, net, teacher)
   batch = source.batch(0, config.train.batch_size, 0, 1)

@@ -65,6 +65,24 @@ def _native_fields(config: ml_collections.ConfigDict, teacher: teacher_lib.Teach
     config.model.native_sigma_d = 0.0 if same else teacher.native[2]
 
 
+def initial_state(config: ml_collections.ConfigDict, teacher, shape: tuple[int, ...],
+                  num_classes: int, init_student: bool) -> tuple[Any, TrainState]:
+  """``(net, state)`` at step 0 for a validated, resolved ``config``: the network (from the
+  teacher's weights with ``init_student``), every enabled part, the optimiser and the EMAs,
+  all drawn from ``config.seed``."""
+  k_model, k_parts, k_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  net, params = state_lib.build_network(config, shape, num_classes, k_model)
+  if init_student:
+    params = state_lib.from_teacher(params, teacher.params)
+  ctx = objectives.PartContext(
+      config=config, net=net, params=params,
+      teacher_params=None if teacher is None else teacher.params,
+      teacher_fn=None if teacher is None else teacher_lib.velocity_fn(teacher, config),
+      teacher=teacher)
+  parts = state_lib.init_parts(config, ctx, k_parts)
+  return net, state_lib.init_state(config, params, parts, k_state)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
           progress: bool = True, allow_config_change: bool = False,
           hold: contextlib.ExitStack | None = None):
@@ -104,17 +122,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   if hold is not None:
     hold.enter_context(workdir_lib.lock(workdir))
   workdir_lib.check(workdir, config, overwrite, allow_config_change)
-  k_model, k_parts, k_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  net, params = state_lib.build_network(config, shape, num_classes, k_model)
-  if init_student:
-    params = state_lib.from_teacher(params, teacher.params)
-  ctx = objectives.PartContext(
-      config=config, net=net, params=params,
-      teacher_params=None if teacher is None else teacher.params,
-      teacher_fn=None if teacher is None else teacher_lib.velocity_fn(teacher, config),
-      teacher=teacher)
-  parts = state_lib.init_parts(config, ctx, k_parts)
-  state = state_lib.init_state(config, params, parts, k_state)
+  net, state = initial_state(config, teacher, shape, num_classes, init_student)
   if entry.needs_pairs:
     source = teacher_lib.pair_source(config, teacher, workdir, progress)
   return source, teacher, net, state
