@@ -13,7 +13,6 @@ reads finished runs, ``fmdistill.train`` runs the loop.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import jax

@@ -143,8 +143,8 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
       new_parts[n], _ = _update_part(state.parts[n], popt[n], loss, jgrads[n],
                                      config.parts[n].ema_decay)
       metrics[f"{n}_skipped"] = new_parts[n].skipped
-    ema = select(ok, state_lib.update_ema(state.ema, params, state.step, t,
-                                                  plain=(ocfg.target_ema,)), state.ema)
+    ema = state_lib.update_ema(state.ema, params, state.step, t, plain=(ocfg.target_ema,))
+    ema = select(ok, ema, state.ema)
     state = state.replace(
         step=state.step + 1, key=key, params=params, opt_state=opt_state, ema=ema,
         parts=new_parts, skipped=state.skipped + (~ok),
