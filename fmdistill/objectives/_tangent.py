@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fmdistill.errors import ConfigError
+from fmdistill.objectives import _common
 from fmdistill.paths import bcast
 
 Array = jax.Array
@@ -185,8 +186,9 @@ def sq_error(diff: Array, reduce: str = "mean") -> Array:
   code's ``jnp.sum(loss, axis=(1, 2, 3))``). ``sum = D mean`` for ``D`` dimensions."""
   if reduce not in REDUCTIONS:
     raise ValueError(f"adaptive_reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
-  x = jnp.square(diff.astype(jnp.float32)).reshape(diff.shape[0], -1)
-  return jnp.mean(x, axis=-1) if reduce == "mean" else jnp.sum(x, axis=-1)
+  if reduce == "mean":
+    return _common.mean_sq(diff)
+  return jnp.sum(jnp.square(diff.astype(jnp.float32)).reshape(diff.shape[0], -1), axis=-1)
 
 
 def check_adaptive(o) -> None:
