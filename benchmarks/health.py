@@ -5,10 +5,13 @@ r"""Training health of finished (or running) runs: did the network die, and how 
     python benchmarks/health.py --train scm_cd,checkerboard,1 --dir runs \
         --teacher checkerboard=runs/fm_checkerboard          # train <dir>/scm_cd_checkerboard_s1
 
-For every run (a toy run of ``experiments/toy2d.py``): the largest ``health/dead_frac`` and
+For every run (a toy run of ``experiments/toy2d.py``, or a ``digits``/``shapes``/``scenes`` run
+of ``experiments/digits.py``; ``--teacher`` and ``--train`` name the dataset in place of the
+toy): the largest ``health/dead_frac`` and
 ``health/mod_scale`` logged in ``metrics.jsonl`` over the run, the number of logged steps with
 ``health/alarm``, skipped (non-finite) updates, the spread of its 1-NFE samples relative to the
-data's (a dead network maps all noise to one point: spread ~ 0), and sliced W2 at 1 and 2 NFE
+data's (total standard deviation over all coordinates; a dead network maps all noise to one
+point: spread ~ 0), and sliced W2 at 1 and 2 NFE
 as a multiple of its teacher's 64-NFE Euler value (``--teacher toy=workdir``). A run "died" when
 its 1-NFE spread is below 10% of the data's or its last logged step raised the alarm.
 ``--train method,toy,seed[,modulation]`` trains missing runs first with the shipped settings
@@ -31,9 +34,22 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from fmdistill import data, objectives, runs as runs_lib, train  # noqa: E402
 from fmdistill.eval import evaluate, metrics  # noqa: E402
+import digits  # noqa: E402
 import toy2d  # noqa: E402
 
 N = 2000
+IMAGES = ("digits", "shapes", "scenes")
+
+
+def dataset(cfg) -> str:
+  """The name ``--teacher``/``--train`` use: the toy, or the image set."""
+  return cfg.data.toy if cfg.data.name == "toy" else cfg.data.name
+
+
+def spread(x: np.ndarray, reference: np.ndarray) -> float:
+  """Total std of samples relative to the data's (all coordinates flattened)."""
+  flat = lambda a: np.reshape(a, (len(a), -1))
+  return float(np.sqrt(flat(x).var(0).sum() / flat(reference).var(0).sum()))
 
 
 def _train(spec: str, directory: str, teachers: dict) -> str:
@@ -41,7 +57,8 @@ def _train(spec: str, directory: str, teachers: dict) -> str:
   name = f"{method}_{toy}_s{seed}" + (f"_{mod[0]}" if mod else "")
   wd = os.path.join(directory, name)
   if not runs_lib.is_finished(wd):
-    c = toy2d.method_config(method, toy, seed=int(seed))
+    c = (digits.method_config(method, seed=int(seed), data=toy) if toy in IMAGES
+         else toy2d.method_config(method, toy, seed=int(seed)))
     if mod:
       c.model.modulation = mod[0]
     if objectives.entry(method).needs_teacher:
@@ -68,8 +85,9 @@ def summary(wd: str, teachers: dict, cache: dict) -> str:
   q = {}
   for nfe in (1, 2):
     x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), N, nfe)
-    q[nfe] = (metrics.sliced_w2(x, reference), float(np.mean(x.std(0) / reference.std(0))))
-  tw = _teacher_w2(teachers[cfg.data.toy], reference, cache) if cfg.data.toy in teachers else None
+    q[nfe] = (metrics.sliced_w2(x, reference), spread(x, reference))
+  name = dataset(cfg)
+  tw = _teacher_w2(teachers[name], reference, cache) if name in teachers else None
   alarms = sum(1 for v in h("health/alarm") if v > 0)
   last_alarm = bool(h("health/alarm")) and h("health/alarm")[-1] > 0
   died = q[1][1] < 0.1 or last_alarm
@@ -84,8 +102,9 @@ def summary(wd: str, teachers: dict, cache: dict) -> str:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("runs", nargs="*")
-  p.add_argument("--teacher", action="append", default=[], help="toy=workdir")
-  p.add_argument("--train", action="append", default=[], help="method,toy,seed[,modulation]")
+  p.add_argument("--teacher", action="append", default=[], help="toy=workdir (or digits=...)")
+  p.add_argument("--train", action="append", default=[],
+                 help="method,toy,seed[,modulation] (toy: a 2-D toy or digits/shapes/scenes)")
   p.add_argument("--dir", default="runs")
   args = p.parse_args()
   teachers = dict(a.split("=", 1) for a in args.teacher)

@@ -108,16 +108,20 @@ def meanflow(size: str) -> ml_collections.ConfigDict:
 
 
 def imf(size: str) -> ml_collections.ConfigDict:
-  """Improved MeanFlow from scratch (Lyy-iiis/imeanflow ``configs/default.py`` and
-  ``train_config.yml``). The official model takes the CFG scale and interval as inputs; here
-  guidance would be folded into the target with a fixed scale, so it is left off
-  (``guidance=1``) and the student is trained unguided."""
+  """Improved MeanFlow from scratch (Lyy-iiis/imeanflow ``configs/default.py``,
+  ``train_config.yml`` and ``imf.py``), with the CFG scale and interval as network inputs as
+  the official model has them (``sample_cfg_scale``: ``cfg_beta = 1``, ``s_max = 7``, i.e.
+  log-uniform on [1, 8]; ``sample_cfg_interval``); the scale and interval are chosen at
+  sampling time (``--guidance``, ``--config.eval.guidance_interval``)."""
   c = common("imf", size)
   o = c.objective
   o.update(time_sampler="logit_normal", time_mean=-0.4, time_std=1.0)  # P_mean, P_std
   o.equal_ratio = 0.5                             # data_proportion 0.5
   o.label_dropout = 0.1                           # class_dropout_prob 0.1
   o.update(adaptive_p=1.0, adaptive_c=0.01, adaptive_reduce="sum")  # norm_p, norm_eps
+  o.update(guidance_input=True, guidance_range=(1.0, 8.0), guidance_power=1.0,  # cfg_beta 1
+           guidance_interval_input=True)         # omega, [t_min, t_max] as inputs
+  c.model.update(guidance_embed=True, guidance_interval=True)
   official_meanflow_optimizer(c, 1024, 640)       # train_config.yml: batch 1024, 640 epochs
   c.train.schedule = "constant"                   # lr_schedule 'warmup_const'
   c.train.warmup_steps = epochs(10, 1024)         # warmup_epochs 10

@@ -25,7 +25,7 @@ _DATA = dict(name="toy", toy="checkerboard", num_examples=4096, conditional=Fals
 _MODEL = dict(name="mlp", width=256, depth=3, dtype="float32", patch=2, heads=4,
               mlp_ratio=4.0, attn_impl="auto", time_embedding="positional", time_scale=1.0,
               native_param="", native_path="", native_sigma_d=0.0, qk_norm=False,
-              modulation="adn", guidance_embed=False)
+              modulation="adn", guidance_embed=False, guidance_interval=False)
 _TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, schedule="cosine",
               final_lr=0.05, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
               ema_decays=(0.999,), ema_power=(), ema_rampup=0.05, log_every=100,
@@ -38,7 +38,8 @@ _PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9
              weight_decay=0.0, grad_clip=1.0, every=1, updates=1, start=0, ema_decay=0.0)
 _EVAL = dict(num_samples=2000, teacher_nfe=(1, 2, 4, 8, 64), student_nfe=(1, 2, 4),
              solver="euler", gamma=0.0, which="ema_0.999", classifier_steps=600,
-             inception_weights="", fid_reference_num=50_000, fid_batch=50)
+             inception_weights="", fid_reference_num=50_000, fid_batch=50,
+             guidance_interval=())
 
 
 def base(method: str) -> ml_collections.ConfigDict:
@@ -235,6 +236,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.model.get("guidance_embed", False), "model.guidance_embed",
            c.model.get("guidance_embed", False),
            "True when objective.guidance_input=True (the student takes the scale as an input)")
+  if c.objective.get("guidance_interval_input", False):
+    _check(c.model.get("guidance_interval", False), "model.guidance_interval",
+           c.model.get("guidance_interval", False), "True when objective.guidance_interval_input"
+           "=True (the student takes the guidance interval as an input)")
+  if c.model.get("guidance_interval", False):
+    _check(c.model.get("guidance_embed", False), "model.guidance_embed",
+           c.model.get("guidance_embed", False), "True when model.guidance_interval=True")
+  ei = tuple(c.eval.get("guidance_interval", ()))
+  _check(not ei or (len(ei) == 2 and 0 <= ei[0] < ei[1] <= 1), "eval.guidance_interval", ei,
+         "() or (lo, hi) with 0 <= lo < hi <= 1 (fractions of T)")
 
 
 def _validate_eval(c: ml_collections.ConfigDict) -> None:

@@ -16,32 +16,44 @@ Array = jax.Array
 
 
 def generate(config: ml_collections.ConfigDict, net: Any, params: Any, key: Array, n: int,
-             nfe: int, *, sampler: str | None = None, guidance: float = 1.0) -> np.ndarray:
+             nfe: int, *, sampler: str | None = None, guidance: float = 1.0,
+             guidance_interval: tuple | None = None) -> np.ndarray:
   """``n`` samples with ``nfe`` network evaluations: ODE solve of the velocity
   (``sampler='ode'``, solver ``config.eval.solver``, classifier-free guidance ``guidance``) or
   multistep flow-map jumps; a student that takes the guidance scale as an input
   (``model.guidance_embed``) is given ``guidance`` (a student with a baked-in scale ignores
-  it)."""
-  fn = sampler_fn(config, net, n, nfe, sampler=sampler, guidance=guidance)
+  it). ``guidance_interval = (lo, hi)`` (fractions of ``T``; default
+  ``config.eval.guidance_interval``, ``()`` = everywhere): guidance only there -- an input of
+  students built with ``model.guidance_interval``; for ODE teachers and other guidance-input
+  students the scale is 1 at times outside it (per solver step / per jump start)."""
+  fn = sampler_fn(config, net, n, nfe, sampler=sampler, guidance=guidance,
+                  guidance_interval=guidance_interval)
   return np.asarray(fn(params, key))
 
 
 def sampler_fn(config: ml_collections.ConfigDict, net: Any, n: int, nfe: int, *,
-               sampler: str | None = None, guidance: float = 1.0):
+               sampler: str | None = None, guidance: float = 1.0,
+               guidance_interval: tuple | None = None):
   """The jitted ``(params, key) -> n samples`` that ``generate`` calls (cached per setting;
   ``.lower(params, key).compile()`` to time its compilation apart from its runs)."""
   o = config.objective
   sampler = sampler or objectives.entry(config.method).sampler
+  if guidance_interval is None:
+    guidance_interval = config.eval.get("guidance_interval", ())
   return _sampler_fn(net, tuple(config.data_shape), o.path, o.sigma_d, o.param, o.num_classes,
                      sampler, nfe, config.eval.solver, config.eval.gamma, guidance, n,
-                     bool(config.model.get("guidance_embed", False)))
+                     bool(config.model.get("guidance_embed", False)),
+                     tuple(float(v) for v in guidance_interval),
+                     bool(config.model.get("guidance_interval", False)))
 
 
 @functools.lru_cache(maxsize=64)
 def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler, nfe, solver,
-                gamma, guidance, n, guidance_input=False):
+                gamma, guidance, n, guidance_input=False, interval=(), interval_input=False):
   path = paths.get_path(path_name, sigma_d)
   param = flowmap.Parameterization(param_name, sigma_d)
+  lo, hi = interval or (0.0, 1.0)
+  scale = lambda t: jnp.where((t >= lo * path.T) & (t <= hi * path.T), guidance, 1.0)
 
   @jax.jit
   def run(params, key):
@@ -52,11 +64,18 @@ def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler
       v = flowmap.teacher_velocity(net, params, param, guidance=guidance,
                                    null_label=num_classes or None)
       steps = sampling.solver_steps_for_nfe(nfe, solver)
-      return sampling.solve_ode(lambda x_, t_: v(x_, t_, cond), x,
-                                sampling.time_grid(steps, path.T), solver)
-    if guidance_input and cond is not None:
-      cond = {"label": cond, "w": jnp.full((n,), guidance, jnp.float32)}
+      vc = lambda x_, t_: v(x_, t_, cond)
+      if interval and cond is not None and guidance != 1.0:
+        vc = lambda x_, t_: v(x_, t_, {"label": cond, "w": scale(jnp.broadcast_to(t_, (n,)))})
+      return sampling.solve_ode(vc, x, sampling.time_grid(steps, path.T), solver)
     f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, cond)
+    if guidance_input and cond is not None:
+      c = {"label": cond, "w": jnp.full((n,), guidance, jnp.float32)}
+      if interval_input:
+        c["interval"] = jnp.broadcast_to(jnp.asarray((lo, hi), jnp.float32), (n, 2))
+        f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, c)
+      else:  # no interval input: the scale switches at each jump's start time
+        f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, dict(c, w=scale(t_)))
     return sampling.sample_flow_map(f, x, sampling.time_grid(nfe, path.T), path=path,
                                     gamma=gamma, key=kg)
   return run

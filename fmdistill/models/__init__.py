@@ -28,7 +28,7 @@ FUNCTION_FIELDS = ("name", "width", "depth", "patch", "heads", "mlp_ratio", "tim
                    "time_scale", "qk_norm", "modulation")
 # what a config written before a field existed means (its network is rebuilt as it was trained)
 LEGACY = {"time_embedding": "legacy", "time_scale": 1000.0, "qk_norm": False,
-          "modulation": "film", "guidance_embed": False}
+          "modulation": "film", "guidance_embed": False, "guidance_interval": False}
 DEAD_BELOW = -4.0  # a unit whose pre-activation stays below this on a whole probe batch is dead
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -90,7 +90,8 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
   if field("modulation") not in MODULATIONS:
     raise ConfigError(f"config.model.modulation={field('modulation')!r} is invalid; accepted: "
                       f"{list(MODULATIONS)}")
-  extra = dict(modulation=field("modulation"), guidance_embed=bool(field("guidance_embed")))
+  extra = dict(modulation=field("modulation"), guidance_embed=bool(field("guidance_embed")),
+               guidance_interval=bool(field("guidance_interval")))
   if cfg.name == "mlp":
     if len(data_shape) != 1:
       raise ConfigError(f"model 'mlp' takes vectors (d,), the data has shape {data_shape}; "

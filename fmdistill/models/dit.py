@@ -23,7 +23,7 @@ from flax import nnx
 from fmdistill import parallel
 from fmdistill.errors import ConfigError
 from fmdistill.models.embeddings import (GuidanceEmbed, LabelEmbed, MODULATIONS, TimeEmbed,
-                                         pnorm, record, split_cond)
+                                         guidance_interval, pnorm, record, split_cond)
 
 Array = jax.Array
 
@@ -108,7 +108,8 @@ class DiT(nnx.Module):
                depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 0,
                dtype: jnp.dtype = jnp.float32, attn_impl: str = "auto", *,
                time: dict | None = None, qk_norm: bool = False, modulation: str = "adn",
-               guidance_embed: bool = False, rngs: nnx.Rngs):
+               guidance_embed: bool = False, guidance_interval: bool = False,
+               rngs: nnx.Rngs):
     h, w, ch = image_shape
     if h % patch or w % patch:
       raise ConfigError(f"config.model.patch={patch} does not divide the image size {h}x{w}")
@@ -124,7 +125,8 @@ class DiT(nnx.Module):
     self.width = width
     self.time = TimeEmbed(width, **(time or {}), rngs=rngs)
     self.label = LabelEmbed(num_classes, width, rngs=rngs) if num_classes else None
-    self.guidance = GuidanceEmbed(width, rngs=rngs) if guidance_embed else None
+    self.guidance = (GuidanceEmbed(width, interval=guidance_interval, rngs=rngs)
+                     if guidance_embed else None)
     for i in range(depth):
       setattr(self, f"block{i}", Block(width, heads, mlp_ratio, dtype, attn_impl,
                                        qk_norm=qk_norm, modulation=modulation, rngs=rngs))
@@ -148,7 +150,7 @@ class DiT(nnx.Module):
     if self.label is not None and label is not None:
       c = c + self.label(label)
     if self.guidance is not None:
-      c = c + self.guidance(w, c.shape[0])
+      c = c + self.guidance(w, c.shape[0], guidance_interval(cond))
     c = c.astype(self.dtype)
     z = rearrange(x.astype(self.dtype), "b (gh p1) (gw p2) c -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
     z = self.embed(z) + jnp.asarray(pos_embed_2d(gh, gw, self.width), self.dtype)[None]

@@ -104,25 +104,53 @@ def split_cond(cond) -> tuple[Array | None, Array | None]:
   return cond, None
 
 
+def guidance_interval(cond) -> Array | None:
+  """The guidance interval ``(B, 2)`` (``[lo, hi]`` in units of ``T``) a ``cond`` dict carries
+  under ``'interval'`` (improved MeanFlow's interval condition), else ``None``."""
+  return cond.get("interval") if isinstance(cond, dict) else None
+
+
+def _centred(a: Array, at: float, dim: int) -> Array:
+  """Sinusoidal features of ``a - at`` minus their value at ``a = at``: exactly zero there."""
+  half = dim // 2
+  zero = jnp.concatenate([jnp.ones((1, half)), jnp.zeros((1, dim - half))], axis=1)
+  return sinusoidal(a - at, dim, scale=1.0) - zero
+
+
 class GuidanceEmbed(nnx.Module):
   """The guidance scale ``w (B,)`` as a ``(B, width)`` embedding added to the time/label
   conditioning (``config.model.guidance_embed``). Features ``[cos((w - 1) f) - 1, sin((w - 1)
   f)]`` and bias-free layers make the embedding exactly zero at ``w = 1`` (and when no ``w`` is
   given); the output layer starts at zero, so a student built from an unguided teacher starts
-  as that teacher for every ``w``."""
+  as that teacher for every ``w``.
 
-  def __init__(self, width: int, freq_dim: int = 64, *, rngs: nnx.Rngs):
+  ``interval=True`` (``config.model.guidance_interval``) adds a second branch for the guidance
+  interval ``[lo, hi] (B, 2)`` (improved MeanFlow conditions on it as well as on ``w``): the
+  same centred features of ``lo`` and ``hi - 1``, zero for the full interval ``[0, 1]`` (and
+  when none is given), its output layer also zero at initialisation."""
+
+  def __init__(self, width: int, freq_dim: int = 64, *, interval: bool = False,
+               rngs: nnx.Rngs):
     self.freq_dim = freq_dim
     f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
     self.w1 = nnx.Linear(freq_dim, width, use_bias=False, rngs=rngs, **f32)
     self.w2 = nnx.Linear(width, width, use_bias=False, kernel_init=nnx.initializers.zeros,
                          rngs=rngs, **f32)
+    if interval:
+      self.i1 = nnx.Linear(2 * freq_dim, width, use_bias=False, rngs=rngs, **f32)
+      self.i2 = nnx.Linear(width, width, use_bias=False, kernel_init=nnx.initializers.zeros,
+                           rngs=rngs, **f32)
+    else:
+      self.i1 = self.i2 = None
 
-  def __call__(self, w: Array | None, batch: int) -> Array:
+  def __call__(self, w: Array | None, batch: int, interval: Array | None = None) -> Array:
     w = jnp.ones((batch,), jnp.float32) if w is None else jnp.asarray(w, jnp.float32)
     w = jnp.broadcast_to(w, (batch,))
-    half = self.freq_dim // 2
-    feats = sinusoidal(w - 1.0, self.freq_dim, scale=1.0)
-    feats = feats - jnp.concatenate([jnp.ones((1, half)), jnp.zeros((1, self.freq_dim - half))],
-                                    axis=1)
-    return self.w2(nnx.silu(self.w1(feats)))
+    out = self.w2(nnx.silu(self.w1(_centred(w, 1.0, self.freq_dim))))
+    if self.i1 is not None:
+      iv = (jnp.broadcast_to(jnp.asarray((0.0, 1.0), jnp.float32), (batch, 2)) if interval is None
+            else jnp.broadcast_to(jnp.asarray(interval, jnp.float32), (batch, 2)))
+      feats = jnp.concatenate([_centred(iv[:, 0], 0.0, self.freq_dim),
+                               _centred(iv[:, 1], 1.0, self.freq_dim)], axis=-1)
+      out = out + self.i2(nnx.silu(self.i1(feats)))
+    return out

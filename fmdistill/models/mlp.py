@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmdistill.models.embeddings import (GuidanceEmbed, LabelEmbed, MODULATIONS, TimeEmbed,
-                                         pnorm, record, split_cond)
+                                         guidance_interval, pnorm, record, split_cond)
 
 Array = jax.Array
 
@@ -36,13 +36,15 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, width: int = 256, depth: int = 4, num_classes: int = 0,
                dtype: jnp.dtype = jnp.float32, *, time: dict | None = None,
-               modulation: str = "adn", guidance_embed: bool = False, rngs: nnx.Rngs):
+               modulation: str = "adn", guidance_embed: bool = False, guidance_interval: bool = False,
+               rngs: nnx.Rngs):
     if modulation not in MODULATIONS:
       raise ValueError(f"modulation must be one of {MODULATIONS}, got {modulation!r}")
     self.depth, self.dtype, self.modulation = depth, dtype, modulation
     self.time = TimeEmbed(width, **(time or {}), rngs=rngs)
     self.label = LabelEmbed(num_classes, width, rngs=rngs) if num_classes else None
-    self.guidance = GuidanceEmbed(width, rngs=rngs) if guidance_embed else None
+    self.guidance = (GuidanceEmbed(width, interval=guidance_interval, rngs=rngs)
+                     if guidance_embed else None)
     kw = dict(dtype=dtype, param_dtype=jnp.float32)
     affine = modulation == "film"
     self.inp = nnx.Linear(dim, width, rngs=rngs, **kw)
@@ -70,7 +72,7 @@ class MLP(nnx.Module):
     if self.label is not None and label is not None:
       c = c + self.label(label)
     if self.guidance is not None:
-      c = c + self.guidance(w, c.shape[0])
+      c = c + self.guidance(w, c.shape[0], guidance_interval(cond))
     c = nnx.silu(c).astype(self.dtype)
     h = self.inp(x.astype(self.dtype))
     for i in range(self.depth):

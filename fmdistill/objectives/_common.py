@@ -113,16 +113,34 @@ def guidance_fields(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   (``guidance_cond``); otherwise the teacher's fixed ``config.teacher.guidance`` is baked in."""
   cfg.guidance_input = False
   cfg.guidance_range = (1.0, 4.0)
+  cfg.guidance_power = 0.0  # 0: w ~ U[range]; b > 0: a power law (``guidance_scale``)
   return cfg
 
 
+def guidance_scale(key: Array, shape: tuple, bounds: tuple, power: float = 0.0) -> Array:
+  """Guidance scales in ``bounds = (lo, hi)``: uniform (``power = 0``), or improved MeanFlow's
+  power law (official code ``sample_cfg_scale``, ``cfg_beta = power``; its ``s_max = hi - 1``
+  with ``lo = 1``): ``w = (1 + u (hi^(1-b) - 1))^(1/(1-b))``, ``u ~ U[0, 1]``, which is
+  ``w = hi^u`` (log-uniform) at ``b = 1``; density proportional to ``w^-b`` on ``[1, hi]``."""
+  lo, hi = bounds
+  u = jax.random.uniform(key, shape)
+  if power <= 0.0:
+    return lo + (hi - lo) * u
+  if power == 1.0:
+    w = jnp.exp(u * jnp.log(hi / lo))
+  else:
+    r = (hi / lo) ** (1.0 - power)
+    w = (1.0 + u * (r - 1.0)) ** (1.0 / (1.0 - power))
+  return lo * w
+
+
 def guidance_cond(key: Array, cond: Array | None, cfg) -> Any:
-  """``{'label': cond, 'w': (B,)}`` with ``w ~ U[guidance_range]`` when ``cfg.guidance_input``
-  and there are labels (``flowmap.split_cond``); ``cond`` unchanged otherwise. Examples whose
-  label is the null label (dropped for CFG training) get ``w = 1``."""
+  """``{'label': cond, 'w': (B,)}`` with ``w ~ guidance_scale(guidance_range,
+  guidance_power)`` when ``cfg.guidance_input`` and there are labels (``flowmap.split_cond``);
+  ``cond`` unchanged otherwise. Examples whose label is the null label (dropped for CFG
+  training) get ``w = 1``."""
   if cond is None or not cfg.get("guidance_input", False):
     return cond
-  lo, hi = cfg.guidance_range
-  w = jax.random.uniform(key, cond.shape, minval=lo, maxval=hi)
+  w = guidance_scale(key, cond.shape, tuple(cfg.guidance_range), cfg.get("guidance_power", 0.0))
   w = jnp.where(cond == cfg.num_classes, 1.0, w)
   return {"label": cond, "w": w}

@@ -27,21 +27,39 @@ differentiates the whole compound ``V_theta`` -- through ``du/dt`` and through t
 ``fmdistill.pallas``). It is the exact gradient of the regression above; its expected gradient
 also vanishes at the exact map (the residual's conditional mean is zero there).
 
-Classifier-free guidance. The paper makes the scale ``omega`` (and the interval
-``[t_min, t_max]``) a network input and trains on ``v_t + (1 - 1/omega)(v_c - v_u)``
-(``guided_velocity_input``). Our networks take no guidance input yet (a model field is being
-designed for CFG distillation; until then that form is not used), so guidance is folded into
-the target with a fixed ``omega`` as the paper's MF baseline does (its CFG equation, with
+Classifier-free guidance. Two forms. (1) As the paper does, guidance as a network input
+(``guidance_input=True``, needs ``model.guidance_embed``; the official code's
+``imf.py``/``configs``): every labelled example draws a scale ``omega`` in ``guidance_range``
+(``guidance_power = b > 0``: the official power law, density ``~ omega^-b``, log-uniform on
+``[1, 8]`` in its config; ``0``: uniform) and, with ``guidance_interval_input=True`` (needs
+``model.guidance_interval``), an interval ``[lo, hi]`` (fractions of ``T``): ``[0, 1]`` on the
+``s = t`` rows, otherwise ``lo ~ U[0, 1/2]``, ``hi ~ U[1/2, 1]``. Both enter the network
+through ``cond`` (``{'label', 'w', 'interval'}``). The instantaneous velocity at ``t`` is
+queried with the effective scale ``omega_t`` (``omega`` inside the interval, 1 outside) and the
+full interval (``velocity_cond``); it is the JVP tangent, and the target is the paper's
+
+    v~ = v + (1 - 1/omega_t)(v_theta(z_t | c, omega_t) - v_theta(z_t | null, 1))
+
+under ``stop_gradient`` (``guided_velocity_input``). Its fixed point is ``v_theta(null) +
+omega_t (v_c* - v_theta(null))``: the CFG field, with the network's own unconditional field
+(``tests/objectives/test_guidance.py``). Scale and interval are chosen at sampling time
+(``evaluate.generate(..., guidance=, guidance_interval=)``, ``--guidance`` and
+``--config.eval.guidance_interval``). Without the interval input the window is the config's
+fixed ``[guidance_t_min, guidance_t_max]``. Dropped labels get ``omega = 1`` (the official code
+keeps the drawn scale with the null label; the target is ``v`` either way). (2) Folded into the
+target with a fixed ``omega`` as the paper's MF baseline does (its CFG equation, with
 MeanFlow's ``kappa``): ``v~ = omega v + kappa v_theta(z_t | c) + (1 - omega - kappa)
 v_theta(z_t | null)`` under ``stop_gradient``, applied for ``t`` in ``[guidance_t_min,
-guidance_t_max]`` (``omega = 1`` outside, and for dropped labels).
+guidance_t_max]`` (``omega = 1`` outside, and for dropped labels); ``guidance`` /
+``guidance_kappa``, no network input.
 
 Changes from the paper: the single-network boundary condition instead of the paper's auxiliary
 ``v``-head (the paper offers both; our networks have one output); ``||Delta||^2`` is the
 per-example *mean* over dimensions by default (the official code sums:
 ``adaptive_reduce='sum'``, as ``experiments/imagenet.py:imf`` sets; ``c`` is then size
 independent, see ``meanflow``);
-no in-context conditioning (an architecture change). ``velocity='teacher'`` replaces ``e - x``
+no in-context conditioning (an architecture change): the scale and the interval are embedded
+and added to the time/label conditioning (``models.embeddings.GuidanceEmbed``). ``velocity='teacher'`` replaces ``e - x``
 by a frozen teacher's velocity (then ``V_theta - v`` is zero at the exact map, not only in
 expectation; used by the oracle tests).
 """
@@ -51,6 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from fmdistill import objectives
+from fmdistill.errors import ConfigError
 from fmdistill.objectives import _common, _tangent
 from fmdistill.paths import bcast
 
@@ -70,16 +89,20 @@ def defaults():
   cfg.guidance_kappa = 0.0
   cfg.guidance_t_min = 0.0
   cfg.guidance_t_max = 1.0
+  _common.guidance_fields(cfg)  # guidance_input, guidance_range: omega as a network input
+  cfg.guidance_interval_input = False  # also the interval [lo, hi] as a network input
   return cfg
 
 
-def compound_velocity(net, params, x_t, t, s, cond=None, *, tangent_grad: bool = False):
+def compound_velocity(net, params, x_t, t, s, cond=None, *, tangent_grad: bool = False,
+                      tangent_cond=None):
   """``(V_theta, u, du/dt, v_theta)``, each ``x_t.shape`` (``V`` in float32).
 
   ``v_theta = u_theta(x_t, t, t)``; ``(u, du/dt)`` from one ``jax.jvp`` along ``(v_theta, 1)``
   in ``(x, t)`` with ``s`` fixed; ``V = u + (t - s) du/dt``. Without ``tangent_grad`` the
-  tangent and ``du/dt`` are under ``stop_gradient`` (the paper's ``JVP_sg``)."""
-  v_hat = net(params, x_t, t, t, cond)
+  tangent and ``du/dt`` are under ``stop_gradient`` (the paper's ``JVP_sg``). ``tangent_cond``:
+  the condition of the ``v_theta`` query if not ``cond`` (``velocity_cond``)."""
+  v_hat = net(params, x_t, t, t, cond if tangent_cond is None else tangent_cond)
   tangent = v_hat if tangent_grad else sg(v_hat)
   u, du = _tangent.eulerian_jvp(lambda x_, t_: net(params, x_, t_, s, cond), x_t, t, tangent)
   if not tangent_grad:
@@ -105,8 +128,8 @@ def guided_velocity_input(v, v_c, v_u, omega):
 
 
 def _guided_target(net, params, x_t, t, v, v_hat, cond, cfg):
-  """The regression target with CFG folded in (module docstring); ``v`` where labels are null,
-  outside the guidance interval, or without guidance."""
+  """The regression target with CFG folded in (module docstring, form 2); ``v`` where labels
+  are null, outside the guidance interval, or without guidance."""
   if cond is None or (cfg.guidance == 1.0 and cfg.guidance_kappa == 0.0):
     return v
   null = jnp.full_like(cond, cfg.num_classes)
@@ -118,6 +141,43 @@ def _guided_target(net, params, x_t, t, v, v_hat, cond, cfg):
   return sg(jnp.where(bcast(cond == cfg.num_classes, v), v, vg))
 
 
+def with_interval(key, cond: dict, full) -> dict:
+  """``cond`` (``{'label', 'w'}``, from ``_common.drop_labels`` with ``guidance_input``) plus a
+  guidance interval per example, ``'interval' (B, 2)``: ``[0, 1]`` where ``full (B,)`` (the
+  ``s = t`` rows, as the official code does), otherwise ``lo ~ U[0, 1/2]``, ``hi ~ U[1/2, 1]``."""
+  k_lo, k_hi = jax.random.split(key)
+  b = cond["label"].shape[0]
+  lo = jnp.where(full, 0.0, jax.random.uniform(k_lo, (b,), maxval=0.5))
+  hi = jnp.where(full, 1.0, jax.random.uniform(k_hi, (b,), minval=0.5, maxval=1.0))
+  return dict(cond, interval=jnp.stack([lo, hi], -1))
+
+
+def velocity_cond(cond: dict, t, cfg) -> dict:
+  """The condition under which the instantaneous velocity at ``t`` is queried (the JVP tangent
+  and ``v_c`` of the target; the official code's ``v_cond_fn``): the effective scale
+  ``omega_t = omega`` inside the example's interval (or the config's fixed window), 1 outside,
+  and the full interval ``[0, 1]`` -- at time ``t`` only whether ``t`` is inside matters."""
+  if "interval" in cond:
+    lo, hi = cond["interval"][:, 0], cond["interval"][:, 1]
+  else:
+    lo, hi = cfg.guidance_t_min, cfg.guidance_t_max
+  out = dict(cond, w=jnp.where((t >= lo) & (t <= hi), cond["w"], 1.0))  # linear path: T = 1
+  if "interval" in cond:
+    out["interval"] = jnp.broadcast_to(jnp.array([0.0, 1.0]), cond["interval"].shape)
+  return out
+
+
+def _input_guided_target(net, params, x_t, t, v, v_c, vcond, cfg):
+  """Form 1's target ``v + (1 - 1/omega_t)(v_c - v_theta(z | null, 1))`` with ``v_c`` the
+  network's velocity under ``vcond = velocity_cond(...)`` (which carries ``omega_t``); ``v`` for
+  dropped labels."""
+  label, omega_t = vcond["label"], vcond["w"]
+  null = dict(vcond, label=jnp.full_like(label, cfg.num_classes), w=jnp.ones_like(omega_t))
+  v_u = sg(net(sg(params), x_t, t, t, null))
+  vg = guided_velocity_input(v, sg(v_c), v_u, omega_t)
+  return sg(jnp.where(bcast(label == cfg.num_classes, v), v, vg))
+
+
 def imf_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, cfg=None):
   """Improved MeanFlow (module docstring). ``batch['x'] (B, ...)``, optional ``'cond'``.
   Metrics: loss, raw MSE of ``V - v``, the flow-matching part (``s = t``) and the RMS of
@@ -125,11 +185,18 @@ def imf_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, 
   del ema_params, step
   cfg = cfg or defaults()
   _common.require(cfg, param="displacement", path="linear", method="improved MeanFlow")
-  t, s, x_t, v_cond, cond = _common.noised_pairs(batch, key, cfg)
-  V, _, du, v_hat = compound_velocity(net, params, x_t, t, s, cond,
+  t, s, x_t, v_cond, cond = _common.noised_pairs(batch, key, cfg)  # guidance_input: a dict
+  vcond = cond
+  if isinstance(cond, dict):
+    if cfg.get("guidance_interval_input", False):
+      cond = with_interval(jax.random.fold_in(key, 7), cond, s == t)
+    vcond = velocity_cond(cond, t, cfg)
+  V, _, du, v_hat = compound_velocity(net, params, x_t, t, s, cond, tangent_cond=vcond,
                                       tangent_grad=bool(cfg.tangent_grad))
   v = _common.target_velocity(cfg, teacher, x_t, t, v_cond, cond)
-  if cfg.velocity == "conditional":
+  if cfg.velocity == "conditional" and isinstance(cond, dict):
+    v = _input_guided_target(net, params, x_t, t, v, v_hat, vcond, cfg)
+  elif cfg.velocity == "conditional":
     v = _guided_target(net, params, x_t, t, v, v_hat, cond, cfg)
   diff = V - sg(v).astype(jnp.float32)
   loss, _ = _tangent.adaptive_loss(diff, cfg.adaptive_c, cfg.adaptive_p,
@@ -141,8 +208,20 @@ def imf_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, 
                 "tangent_rms": jnp.sqrt(jnp.mean(_common.mean_sq(du)))}
 
 
+def _check(o) -> None:
+  """Config checks: the MeanFlow-style fields, and one guidance form at a time."""
+  _tangent.check_adaptive(o)
+  if o.get("guidance_input", False) and (o.guidance != 1.0 or o.guidance_kappa != 0.0):
+    raise ConfigError("config.objective.guidance/guidance_kappa fold a fixed scale into the "
+                      "target; with objective.guidance_input=True the scale is a network input: "
+                      "leave guidance=1.0, guidance_kappa=0.0")
+  if o.get("guidance_interval_input", False) and not o.get("guidance_input", False):
+    raise ConfigError("config.objective.guidance_interval_input=True needs "
+                      "objective.guidance_input=True")
+
+
 objectives.register(objectives.Objective(
     name="imf", loss=imf_loss, defaults=defaults, tangent=True,
-    check=lambda c: _tangent.check_adaptive(c.objective),
+    check=lambda c: _check(c.objective),
     doc="improved MeanFlow from scratch: u + (t - s) du/dt regressed onto e - x, the jvp "
         "tangent the network's own velocity u(z, t, t)"))
