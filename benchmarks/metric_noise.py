@@ -1,0 +1,67 @@
+r"""How noisy is sliced W2 on the toys? Data vs data over several pairs, and a teacher vs
+several held-out references, at several sample sizes.
+
+    python benchmarks/metric_noise.py --teacher checkerboard=runs/fm_checkerboard \
+        --teacher moons=runs/fm_moons --n 2000,20000 --refs 4
+
+For each toy (the teacher run's data config, source seed 0): ``--refs`` held-out samples of
+size ``n`` (``source.reference(n, k)``, k = 0..refs-1); sliced W2 between every pair of them
+(the data-vs-data floor: mean, min, max) and between ``n`` samples of the teacher (Euler,
+``--nfe``, sampling key 0) and each of them; the teacher's mean as a multiple of the floor's
+mean. The library's reports use one floor pair (``reference(n, 1)`` vs ``reference(n, 2)``)
+and one reference (``reference(n, 0)``), so this says how much one draw can move a figure.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import sys
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fmdistill import data, runs as runs_lib  # noqa: E402
+from fmdistill.eval import evaluate, metrics  # noqa: E402
+
+
+def rows(wd: str, sizes: list[int], refs: int, nfe: int) -> list[str]:
+  cfg, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
+  source = data.make_source(cfg.data, 0)
+  out = []
+  for n in sizes:
+    ref = [source.reference(n, k) for k in range(refs)]
+    dd = [metrics.sliced_w2(a, b) for a, b in itertools.combinations(ref, 2)]
+    x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), n, nfe)
+    tm = [metrics.sliced_w2(x, r) for r in ref]
+    out.append(f"| {cfg.data.toy} | {n} | {np.mean(dd):.4f} ({min(dd):.4f}-{max(dd):.4f}) | "
+               f"{np.mean(tm):.4f} ({min(tm):.4f}-{max(tm):.4f}) | "
+               f"{np.mean(tm) / np.mean(dd):.2f} |")
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--teacher", action="append", default=[], required=True, help="toy=workdir")
+  p.add_argument("--n", default="2000,20000", help="sample sizes")
+  p.add_argument("--refs", type=int, default=4, help="held-out references per size")
+  p.add_argument("--nfe", type=int, default=64)
+  args = p.parse_args()
+  print(f"machine: {platform.node()} | {os.cpu_count()} CPUs | jax {jax.__version__}")
+  print(f"command: python {' '.join(sys.argv)}")
+  print()
+  print(f"| toy | n | data vs data: mean (min-max over {args.refs * (args.refs - 1) // 2} "
+        f"pairs) | teacher@{args.nfe} vs each reference: mean (min-max) | teacher / floor |")
+  print("|---|---|---|---|---|")
+  for spec in args.teacher:
+    _, wd = spec.split("=", 1)
+    for line in rows(wd, [int(v) for v in args.n.split(",")], args.refs, args.nfe):
+      print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()
