@@ -108,7 +108,8 @@ def require(cfg, *, param: str | None = None, path: str | None = None, method: s
 
 def guidance_fields(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Classifier-free-guidance distillation with the scale as a student input: with
-  ``guidance_input`` every example draws ``w ~ U[guidance_range]`` and both the student
+  ``guidance_input`` every example draws ``w`` in ``guidance_range`` (uniform, or the power law
+  ``guidance_power``: ``guidance_scale``) and both the student
   (``model.guidance_embed=True``) and the teacher (guided per example) see it in ``cond``
   (``guidance_cond``); otherwise the teacher's fixed ``config.teacher.guidance`` is baked in."""
   cfg.guidance_input = False

@@ -57,11 +57,11 @@ Changes from the paper: the single-network boundary condition instead of the pap
 ``v``-head (the paper offers both; our networks have one output); ``||Delta||^2`` is the
 per-example *mean* over dimensions by default (the official code sums:
 ``adaptive_reduce='sum'``, as ``experiments/imagenet.py:imf`` sets; ``c`` is then size
-independent, see ``meanflow``);
-no in-context conditioning (an architecture change): the scale and the interval are embedded
-and added to the time/label conditioning (``models.embeddings.GuidanceEmbed``). ``velocity='teacher'`` replaces ``e - x``
-by a frozen teacher's velocity (then ``V_theta - v`` is zero at the exact map, not only in
-expectation; used by the oracle tests).
+independent, see ``meanflow``); no in-context conditioning (an architecture change): the scale
+and the interval are embedded and added to the time/label conditioning
+(``models.embeddings.GuidanceEmbed``). ``velocity='teacher'`` replaces ``e - x`` by a frozen
+teacher's velocity (then ``V_theta - v`` is zero at the exact map, not only in expectation;
+used by the oracle tests).
 """
 from __future__ import annotations
 
