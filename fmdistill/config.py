@@ -229,9 +229,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.teacher.pair_solver in sampling.SOLVERS, "teacher.pair_solver",
          c.teacher.pair_solver, list(sampling.SOLVERS))
   _check(c.teacher.guidance >= 0, "teacher.guidance", c.teacher.guidance, ">= 0")
-  gi = tuple(c.teacher.get("guidance_interval", ()))
-  _check(not gi or (len(gi) == 2 and 0 <= gi[0] < gi[1] <= 1), "teacher.guidance_interval", gi,
-         "() or (lo, hi) with 0 <= lo < hi <= 1 (fractions of T)")
+  for section in ("teacher", "eval"):
+    gi = tuple(c[section].get("guidance_interval", ()))
+    _check(not gi or (len(gi) == 2 and 0 <= gi[0] < gi[1] <= 1),
+           f"{section}.guidance_interval", gi,
+           "() or (lo, hi) with 0 <= lo < hi <= 1 (fractions of T)")
   if c.objective.get("guidance_input", False):
     _check(c.model.get("guidance_embed", False), "model.guidance_embed",
            c.model.get("guidance_embed", False),
@@ -243,9 +245,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.model.get("guidance_interval", False):
     _check(c.model.get("guidance_embed", False), "model.guidance_embed",
            c.model.get("guidance_embed", False), "True when model.guidance_interval=True")
-  ei = tuple(c.eval.get("guidance_interval", ()))
-  _check(not ei or (len(ei) == 2 and 0 <= ei[0] < ei[1] <= 1), "eval.guidance_interval", ei,
-         "() or (lo, hi) with 0 <= lo < hi <= 1 (fractions of T)")
 
 
 def _validate_eval(c: ml_collections.ConfigDict) -> None:

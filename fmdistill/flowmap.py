@@ -107,6 +107,15 @@ def split_cond(cond) -> tuple[Array | None, Array | None]:
   return cond, None
 
 
+def in_interval(cond, t: Array, interval: tuple, T: float, guidance: float = 1.0) -> dict:
+  """``{'label', 'w'}``: the scale (``cond['w']``, else ``guidance``) where ``lo T <= t <= hi T``
+  and 1 elsewhere (guidance in a limited interval, Kynkaanniemi et al. 2024); ``t (B,)``."""
+  label, w = split_cond(cond)
+  w = jnp.full(t.shape, guidance, jnp.float32) if w is None else w
+  inside = (t >= interval[0] * T) & (t <= interval[1] * T)
+  return {"label": label, "w": jnp.where(inside, w, 1.0)}
+
+
 def teacher_velocity(net: Net, params: Any, param: Parameterization | None = None, *,
                      guidance: float = 1.0, null_label: int | None = None
                      ) -> Callable[[Array, Array, Array | None], Array]:
@@ -152,10 +161,7 @@ def teacher_network(net: Net, params: Any, param: Parameterization, src_path, ds
     def fn(x, t, s=None, cond=None):
       del s
       if interval:
-        label, w = split_cond(cond)
-        w = jnp.full(t.shape, guidance, jnp.float32) if w is None else w
-        inside = (t >= interval[0] * dst_path.T) & (t <= interval[1] * dst_path.T)
-        cond = {"label": label, "w": jnp.where(inside, w, 1.0)}
+        cond = in_interval(cond, t, interval, dst_path.T, guidance)
       vc = lambda x_, t_: v(x_, t_, cond)
       if src_path.name != dst_path.name or src_path.sigma_d != dst_path.sigma_d:
         vc = paths.convert_velocity(vc, src_path, dst_path)

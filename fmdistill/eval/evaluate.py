@@ -52,8 +52,6 @@ def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler
                 gamma, guidance, n, guidance_input=False, interval=(), interval_input=False):
   path = paths.get_path(path_name, sigma_d)
   param = flowmap.Parameterization(param_name, sigma_d)
-  lo, hi = interval or (0.0, 1.0)
-  scale = lambda t: jnp.where((t >= lo * path.T) & (t <= hi * path.T), guidance, 1.0)
 
   @jax.jit
   def run(params, key):
@@ -66,16 +64,18 @@ def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler
       steps = sampling.solver_steps_for_nfe(nfe, solver)
       vc = lambda x_, t_: v(x_, t_, cond)
       if interval and cond is not None and guidance != 1.0:
-        vc = lambda x_, t_: v(x_, t_, {"label": cond, "w": scale(jnp.broadcast_to(t_, (n,)))})
+        vc = lambda x_, t_: v(x_, t_, flowmap.in_interval(cond, jnp.broadcast_to(t_, (n,)),
+                                                          interval, path.T, guidance))
       return sampling.solve_ode(vc, x, sampling.time_grid(steps, path.T), solver)
     f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, cond)
     if guidance_input and cond is not None:
       c = {"label": cond, "w": jnp.full((n,), guidance, jnp.float32)}
       if interval_input:
-        c["interval"] = jnp.broadcast_to(jnp.asarray((lo, hi), jnp.float32), (n, 2))
-        f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, c)
-      else:  # no interval input: the scale switches at each jump's start time
-        f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, dict(c, w=scale(t_)))
+        c["interval"] = jnp.broadcast_to(jnp.asarray(interval or (0.0, 1.0), jnp.float32), (n, 2))
+      f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_, c)
+      if interval and not interval_input:  # the scale switches at each jump's start time
+        f = lambda x_, t_, s_: param.apply(net, params, x_, t_, s_,
+                                           flowmap.in_interval(c, t_, interval, path.T))
     return sampling.sample_flow_map(f, x, sampling.time_grid(nfe, path.T), path=path,
                                     gamma=gamma, key=kg)
   return run

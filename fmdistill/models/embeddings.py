@@ -148,8 +148,8 @@ class GuidanceEmbed(nnx.Module):
     w = jnp.broadcast_to(w, (batch,))
     out = self.w2(nnx.silu(self.w1(_centred(w, 1.0, self.freq_dim))))
     if self.i1 is not None:
-      iv = (jnp.broadcast_to(jnp.asarray((0.0, 1.0), jnp.float32), (batch, 2)) if interval is None
-            else jnp.broadcast_to(jnp.asarray(interval, jnp.float32), (batch, 2)))
+      iv = jnp.broadcast_to(jnp.asarray((0.0, 1.0) if interval is None else interval,
+                                        jnp.float32), (batch, 2))
       feats = jnp.concatenate([_centred(iv[:, 0], 0.0, self.freq_dim),
                                _centred(iv[:, 1], 1.0, self.freq_dim)], axis=-1)
       out = out + self.i2(nnx.silu(self.i1(feats)))

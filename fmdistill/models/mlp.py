@@ -36,8 +36,8 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, width: int = 256, depth: int = 4, num_classes: int = 0,
                dtype: jnp.dtype = jnp.float32, *, time: dict | None = None,
-               modulation: str = "adn", guidance_embed: bool = False, guidance_interval: bool = False,
-               rngs: nnx.Rngs):
+               modulation: str = "adn", guidance_embed: bool = False,
+               guidance_interval: bool = False, rngs: nnx.Rngs):
     if modulation not in MODULATIONS:
       raise ValueError(f"modulation must be one of {MODULATIONS}, got {modulation!r}")
     self.depth, self.dtype, self.modulation = depth, dtype, modulation
