@@ -122,21 +122,26 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
     for name, by_seed in runs.items():
       wd = by_seed.get(seed, by_seed.get(0))
       step = runs_lib.latest_step(wd)
-      key = f"eval/{seed}/{name}" + (f"/nfe{teacher_nfe}" if name == "teacher" else "")
+      ecfg = runs_lib.read_config(wd).eval
+      nref = int(ecfg.get("references", 4))  # figures averaged over nref references
+      key = (f"eval/{seed}/{name}" + (f"/nfe{teacher_nfe}" if name == "teacher" else "")
+             + f"/refs{nref}")
       label = name if seed == 0 else f"{name}_seed{seed}"
       got = cache.get(key, step)
       if got is None:
         t0 = time.time()
-        ecfg = runs_lib.read_config(wd).eval
         if name == "teacher":
           ecfg.teacher_nfe = teacher_nfe
         res = report.evaluate_runs({label: wd}, sdir, seed=seed, evals={label: ecfg})
         for f in ("metrics.json", "quality_vs_nfe.png"):  # one run's: the board draws its own
           os.remove(os.path.join(sdir, f))
-        got = {"floor": res["noise_floor"], "run": res["runs"][label]}
+        got = {"floor": res["noise_floor"], "floor_range": res["noise_floor_range"],
+               "references": res["references"], "run": res["runs"][label]}
         cache.put(key, step, json.loads(json.dumps(got)))
         print(f"  evaluated {name} (seed {seed}) in {time.time() - t0:.0f} s", flush=True)
       e["floor"] = e["floor"] or got["floor"]
+      e.setdefault("floor_range", got.get("floor_range", {}))
+      e.setdefault("references", got.get("references", 1))
       e["runs"][name] = _int_keys(got["run"])
   return evals
 
@@ -183,10 +188,14 @@ def write(out: str, header: list[str], evals: dict, costs: dict, times: dict) ->
   tcurve = lb.teacher_curve(evals, metric)
   spd = lb.speedups(rows, tcurve, times)
   n = len(evals)
+  nref, span = evals[0].get("references", 1), evals[0].get("floor_range", {}).get(metric)
   lines = header + [
       "", f"Figure: `{metric}` to held-out data (lower is better), "
-      f"{n} seed(s){' (mean ± std)' if n > 1 else ''}; data-vs-data floor "
-      f"{lb.fmt(lb.mean_std([e['floor'][metric] for e in evals.values()]))}.", "",
+      + (f"each the mean over {nref} held-out samples, " if nref > 1 else "")
+      + f"{n} seed(s){' (mean ± std)' if n > 1 else ''}; data-vs-data floor "
+      f"{lb.fmt(lb.mean_std([e['floor'][metric] for e in evals.values()]))}"
+      + (f" (seed 0: {span[0]:.4g}–{span[1]:.4g} over the pairs of samples)" if span else "")
+      + ".", "",
       "| teacher NFE (Euler) | " + " | ".join(map(str, tcurve)) + " |",
       "|---|" + "---|" * len(tcurve),
       f"| {metric} | " + " | ".join(lb.fmt(lb.mean_std(lb.curve(evals, 'teacher', metric, k)))

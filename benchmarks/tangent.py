@@ -204,8 +204,10 @@ def quality(args) -> str:
   floor = res["noise_floor"]["sliced_w2"]
   t = res["runs"]["teacher"]["nfe"]
   t64 = t.get(64, t.get("64"))["sliced_w2"]
-  lines = [f"Toy {args.toy}: sliced W2 to held-out data ({res['num_samples']} samples); "
-           f"floor (data vs data) {floor:.4f}; teacher (Euler) "
+  lo, hi = res.get("noise_floor_range", {}).get("sliced_w2", (floor, floor))
+  lines = [f"Toy {args.toy}: sliced W2 to held-out data ({res['num_samples']} samples, the mean "
+           f"over {res.get('references', 1)} held-out samples); floor (data vs data) "
+           f"{floor:.4f} ({lo:.4f}-{hi:.4f}); teacher (Euler) "
            + ", ".join(f"{k} NFE {v['sliced_w2']:.4f}" for k, v in t.items())
            + f"; teacher straightness S(Z) {res['runs']['teacher'].get('straightness', 0):.4f}."
            + " ODE students (ReFlow rounds) are sampled with Euler, S(Z) is their straightness.",

@@ -39,7 +39,7 @@ _PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9
 _EVAL = dict(num_samples=2000, teacher_nfe=(1, 2, 4, 8, 64), student_nfe=(1, 2, 4),
              solver="euler", gamma=0.0, which="ema_0.999", classifier_steps=600,
              inception_weights="", fid_reference_num=50_000, fid_batch=50,
-             guidance_interval=())
+             guidance_interval=(), references=4)
 
 
 def base(method: str) -> ml_collections.ConfigDict:
@@ -253,6 +253,9 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
          "an integer >= 2")
   for name in ("teacher_nfe", "student_nfe"):
     _check(_ints(e[name]), f"eval.{name}", e[name], "a non-empty tuple of positive integers")
+  _check(_int(e.get("references", 2)) and e.get("references", 2) >= 2, "eval.references",
+         e.get("references"), "an integer >= 2 (held-out samples each figure is averaged over; "
+         "the floor uses every pair of them)")
   _check(_int(e.classifier_steps) and e.classifier_steps >= 1, "eval.classifier_steps",
          e.classifier_steps, "a positive integer")
   w = e.get("inception_weights", "")

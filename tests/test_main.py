@@ -64,8 +64,13 @@ def test_quickstart_end_to_end_with_a_tiny_budget(root, tmp_path):
   assert set(m["runs"]) == {"teacher", "student"}
   assert set(m["runs"]["teacher"]["nfe"]) == {"1", "2", "4", "8", "64"}
   assert set(m["runs"]["student"]["nfe"]) == {"1", "2", "4"}
-  assert m["noise_floor"]["sliced_w2"] > 0
-  assert "data vs data (floor)" in open(os.path.join(wd, "report.md")).read()
+  assert m["references"] == 4  # figures are means over four held-out samples
+  lo, hi = m["noise_floor_range"]["sliced_w2"]
+  assert 0 < lo <= m["noise_floor"]["sliced_w2"] <= hi
+  lo, hi = m["runs"]["student"]["range"]["1"]["sliced_w2"]
+  assert lo <= m["runs"]["student"]["nfe"]["1"]["sliced_w2"] <= hi
+  md = open(os.path.join(wd, "report.md")).read()
+  assert "data vs data (floor)" in md and "mean over the 6 pairs" in md
   for stage, nfe in (("teacher", 64), ("student", 1)):  # per stage: training and the report
     events = tblog.read_events(os.path.join(wd, stage, "tensorboard"))
     tags = tblog.tags(events)

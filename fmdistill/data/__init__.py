@@ -7,7 +7,7 @@ so a multi-process run sees the same global batch as a single process.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import ml_collections
 import numpy as np
@@ -25,6 +25,7 @@ class ToySource:
   seed: int
   shape: tuple = (2,)
   num_classes: int = 0
+  distinct_references: ClassVar[int] = 2 ** 31  # every reference seed is a new draw
 
   def batch(self, step: int, batch_size: int, process_index: int = 0,
             process_count: int = 1) -> dict:
@@ -44,6 +45,7 @@ class ArraySource:
   seed: int
   shape: tuple
   num_classes: int
+  distinct_references: ClassVar[int] = 2  # its two disjoint halves (``reference``)
 
   def indices(self, step: int, batch_size: int) -> np.ndarray:
     start = step * batch_size

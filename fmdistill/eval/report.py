@@ -55,6 +55,11 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
   run was trained with. Each run is evaluated at its newest good checkpoint; the result and
   the report name that step and whether the run is finished (an unfinished run also gets a
   one-line warning). Nothing is written if a run is missing.
+
+  Every figure is the mean over ``eval.references`` held-out data samples
+  (``evaluate.references``; a finite dataset has two), with its ``[min, max]`` over them in
+  ``runs[name]['range'][nfe]``; the floor (``noise_floor``) is the mean over every pair of them,
+  its ``[min, max]`` in ``noise_floor_range``. All runs are scored against the same samples.
   """
   stored = {name: runs_lib.read_config(wd) for name, wd in runs.items()}  # before any write
   ecfg = {name: (evals or {}).get(name) or stored[name].eval for name in runs}
@@ -67,9 +72,11 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
     first.eval = ecfg[name0]
   clf = _classifier(first, out_dir)
   fid = _fid(first, source, out_dir)
-  reference = source.reference(n, 0)
-  floor = evaluate.noise_floor(source, n, clf, fid)
-  result = {"noise_floor": floor, "num_samples": int(len(reference)), "runs": {}}
+  refs = evaluate.references(source, n, int(ecfg[name0].get("references", 4)))
+  reference = refs[0]
+  floor, floor_span = evaluate.floor(refs, clf, fid)
+  result = {"noise_floor": floor, "noise_floor_range": floor_span, "references": len(refs),
+            "num_samples": int(len(reference)), "runs": {}}
   if clf is not None:
     result["classifier_accuracy"] = clf.accuracy
   curves = {}
@@ -83,12 +90,12 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
             f"{run.describe()}", file=sys.stderr)
     sampler = objectives.entry(config.method).sampler
     nfes = config.eval.teacher_nfe if sampler == "ode" else config.eval.student_nfe
-    per_nfe, panels = {}, {}
+    per_nfe, spans, panels = {}, {}, {}
     for nfe in nfes:
       t0 = time.time()
       x = evaluate.generate(config, net, params, jax.random.PRNGKey(seed), len(reference), nfe,
                             guidance=guidance)
-      q = evaluate.quality(x, reference, clf, fid)
+      q, spans[int(nfe)] = evaluate.scores(x, refs, clf, fid)
       q["seconds"] = time.time() - t0
       per_nfe[int(nfe)] = q
       panels[f"{name} {nfe} NFE"] = x
@@ -97,7 +104,7 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
                          title=f"{name} ({config.method}), {run.describe()}")
     result["runs"][name] = {"method": config.method, "sampler": sampler, "workdir": wd,
                             "step": run.step, "steps": run.steps, "finished": run.finished,
-                            "which": run.which, "nfe": per_nfe}
+                            "which": run.which, "nfe": per_nfe, "range": spans}
     if sampler == "ode":  # ReFlow rounds, teachers: how straight the learned flow is
       result["runs"][name]["straightness"] = ode_straightness(config, net, params, seed,
                                                               len(reference))
@@ -146,11 +153,17 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
   """A readable report of ``evaluate_runs``'s result (figures referenced by file name)."""
   floor = result["noise_floor"]
   keys = list(floor)
+  nref = result.get("references", 1)
+  span = result.get("noise_floor_range", {})
   lines = [f"# {title}", "", extra, "",
            f"Samples per evaluation: {result['num_samples']}. Every figure is a distance to "
-           "held-out data (lower is better); the **floor** row is the same distance between two "
-           "independent data samples of the same size — no model can be expected to go below it.",
-           ""]
+           "held-out data (lower is better)" + (
+               f", the mean over {nref} independent held-out samples" if nref > 1 else "") +
+           "; the **floor** row is the same distance between two independent data samples of "
+           "the same size" + (" (the two samples)" if nref == 2 else
+                              f" (mean over the {nref * (nref - 1) // 2} pairs of those samples, "
+                              "min–max in brackets)" if nref > 2 else "") +
+           " — no model can be expected to go below it.", ""]
   for name, r in result["runs"].items():
     if "step" in r:
       lines.append(f"- Run `{name}`: weights `{r['which']}` of checkpoint step {r['step']} of "
@@ -167,8 +180,9 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
               "held-out data, which the statistics may include).", ""]
   lines += ["| run | method | NFE | " + " | ".join(keys) + " | seconds |",
             "|---|---|---|" + "---|" * (len(keys) + 1)]
-  lines.append("| data vs data (floor) | | | " + " | ".join(f"{floor[k]:.4g}" for k in keys)
-               + " | |")
+  fl = lambda m: f"{floor[m]:.4g}" + (f" ({span[m][0]:.4g}–{span[m][1]:.4g})"
+                                      if m in span and span[m][0] != span[m][1] else "")
+  lines.append("| data vs data (floor) | | | " + " | ".join(fl(m) for m in keys) + " | |")
   for name, r in result["runs"].items():
     for nfe, q in r["nfe"].items():
       lines.append(f"| {name} | {r['method']} | {nfe} | "
