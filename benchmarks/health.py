@@ -73,8 +73,7 @@ def references(cfg) -> list:
   """``REFS`` held-out data samples of the dataset, the same for every run of it whatever the
   run's seed (the seed-0 source): one reference draw moves sliced W2 at 2000 samples by up to
   +-30% (``benchmarks/metric_noise.py``), so figures are means over these."""
-  source = data.make_source(cfg.data, 0)
-  return [source.reference(N, k) for k in range(REFS)]
+  return evaluate.references(data.make_source(cfg.data, 0), N, REFS)
 
 
 def sw2(x, refs: list) -> float:
