@@ -63,11 +63,18 @@ def test_write_outputs_tables_csvs_and_plot(tmp_path):
   assert "| st | meanflow | 5 | 0.21 ± 0.01414 |" in text
   assert "| st | 1 | 0.21 | 8 | 1 | 8 | 8.0x | 0.50 / 0.70 |" in text  # teacher@8: 0.13
   assert "| st | 2 | 0.002 | not matched |" in text  # better than the teacher@64 (0.0206)
+  # with the teacher timed at its largest NFE, that student's speedup is a lower bound
+  times[("teacher", 64)] = dict(run_s=0.1, compile_s=0.9)
+  text = leaderboard.write(str(tmp_path), ["machine: m", "command: c"], evals, costs, times)
+  assert ("| st | 2 | 0.002 | none: better than the teacher at every NFE up to 64 | 2 | "
+          "100 (at 64) | > 50.0x | 0.50 / 0.90 |") in text
   assert "| st | 3 | 3.00 | 2.0 | 0.002 † | 2.00 | 2 | 2.00 |" in text
   with open(tmp_path / "leaderboard.csv") as f:
     row = next(csv.DictReader(f))
   assert float(row["q_nfe1_std"]) == pytest.approx(math.sqrt(2) * 0.01)
   assert row["matched_teacher_nfe_1"] == "8" and float(row["speedup_nfe1"]) == 8.0
+  assert row["speedup_nfe1_is_lower_bound"] == "False"
+  assert float(row["speedup_nfe2"]) == 50.0 and row["speedup_nfe2_is_lower_bound"] == "True"
   with open(tmp_path / "quality.csv") as f:
     long = list(csv.DictReader(f))
   assert {(r["seed"], r["run"], r["nfe"]) for r in long} >= {("1", "teacher", "64"),
