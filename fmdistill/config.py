@@ -61,6 +61,10 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(_TEACHER)
   c.eval = ml_collections.ConfigDict(_EVAL)
   c.eval.gamma = objectives.entry(method).eval_gamma
+  o = c.objective
+  if o.get("rollout_times") == "uniform":  # a generator trained on one fixed k-step grid only
+    # (DMD/DMD2/VSD/SiD, ``rollout_steps = k``): other step counts query times it never saw
+    c.eval.student_nfe = tuple(n for n in c.eval.student_nfe if o.rollout_steps % n == 0)
   c.mesh = parallel.mesh_config()
   return c
 

@@ -176,3 +176,14 @@ def test_student_distribution_converges_to_the_data(mlp, method, steps=200, upda
   x = flowmap.Parameterization().apply(net, params, z, jnp.ones(20_000), jnp.zeros(20_000))
   np.testing.assert_allclose(x.mean(0), DATA.mu, atol=0.08)
   np.testing.assert_allclose(x.std(0), DATA.scale, atol=0.08)
+
+
+def test_one_step_generators_are_evaluated_at_their_own_step_count():
+  """DMD/DMD2/VSD/SiD generators train on one fixed ``rollout_steps``-step grid (1 by
+  default): a 2-step sampler would query ``f(x_t, t, 0)`` at ``t = T/2``, which they never saw
+  (a checkerboard DMD student: 0.059 at 1 NFE, 1.03 at 2), so their reports sample 1 step;
+  rCM's random rollout times and its sCM term train every time, so it keeps 1/2/4."""
+  from fmdistill import config
+  for m in ("dmd", "dmd2", "dmd_v1", "vsd", "sid"):
+    assert config.base(m).eval.student_nfe == (1,), m
+  assert config.base("rcm").eval.student_nfe == (1, 2, 4)
