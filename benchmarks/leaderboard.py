@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -173,7 +174,8 @@ def measure(runs: dict, rows: list, evals: dict, metric: str, reps: int, cache: 
       if nfe in r["q"] and 0 in runs[r["name"]]:
         want.add((r["name"], nfe))
         m = lb.matched_nfe(tcurve, r["q"][nfe][0])
-        if m is None and tcurve:  # better everywhere: the lower bound at the largest NFE
+        if m is None and tcurve and math.isfinite(r["q"][nfe][0]):  # better everywhere: the
+          # lower bound at the teacher's largest NFE
           m = max(tcurve)
         if m is not None:
           want.add(("teacher", m))

@@ -155,7 +155,8 @@ def speedups(rows: list[dict], teacher: dict[int, float], times: dict) -> list[d
         continue
       match, x = speedup(teacher, r["q"][nfe][0], t["run_s"], tsec)
       top = max(teacher) if teacher else None
-      at_least = match is None and top in tsec  # better than the teacher at every NFE
+      # better than the teacher at every NFE (a NaN figure matches nothing and bounds nothing)
+      at_least = match is None and top in tsec and math.isfinite(r["q"][nfe][0])
       ref = top if at_least else match
       out.append(dict(name=r["name"], nfe=nfe, q=r["q"][nfe][0], matched=match,
                       speedup=tsec[top] / t["run_s"] if at_least else x,

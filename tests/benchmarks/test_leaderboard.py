@@ -68,6 +68,11 @@ def test_write_outputs_tables_csvs_and_plot(tmp_path):
   text = leaderboard.write(str(tmp_path), ["machine: m", "command: c"], evals, costs, times)
   assert ("| st | 2 | 0.002 | none: better than the teacher at every NFE up to 64 | 2 | "
           "100 (at 64) | > 50.0x | 0.50 / 0.90 |") in text
+  nan_row = dict(name="bad", q={1: (float("nan"), float("nan"))})
+  nan = lb.speedups([nan_row], {1: 1.0, 64: 0.1}, {("bad", 1): dict(run_s=1e-3, compile_s=0.1),
+                                                   ("teacher", 64): dict(run_s=0.1,
+                                                                         compile_s=0.1)})
+  assert nan[0]["matched"] is None and nan[0]["speedup"] is None  # NaN: no bound, no speedup
   assert "| st | 3 | 3.00 | 2.0 | 0.002 † | 2.00 | 2 | 2.00 |" in text
   with open(tmp_path / "leaderboard.csv") as f:
     row = next(csv.DictReader(f))
