@@ -152,9 +152,12 @@ def noise_floor(source, n: int, clf=None, fid=None) -> dict:
 
 def periodic_eval_fn(config, source, n: int = 1000):
   """The train loop's evaluation hook: sliced W2 to held-out data at the method's smallest
-  evaluation NFE (flow-map students) or largest (ODE teachers), on ``config.eval.which``;
-  the samples come back too (``samples_nfe<n>``: the loop draws them for TensorBoard)."""
-  reference = source.reference(n, 0)
+  evaluation NFE (flow-map students) or largest (ODE teachers), on ``config.eval.which``,
+  the mean over the report's ``eval.references`` held-out samples (so with
+  ``eval.num_samples = n`` the report gives the same number for the same checkpoint); the
+  samples come back too (``samples_nfe<n>``: the loop draws them for TensorBoard)."""
+  refs = references(source, n, int(config.eval.get("references", 4)))
+  reference = refs[0]
   sampler = objectives.entry(config.method).sampler
   nfe = max(config.eval.teacher_nfe) if sampler == "ode" else min(config.eval.student_nfe)
 
@@ -162,5 +165,6 @@ def periodic_eval_fn(config, source, n: int = 1000):
     which = config.eval.which
     params = state.ema[which] if which in state.ema else state.params
     x = generate(config, net, params, jax.random.PRNGKey(config.seed), len(reference), nfe)
-    return {f"sliced_w2_nfe{nfe}": metrics.sliced_w2(x, reference), f"samples_nfe{nfe}": x}
+    w2 = float(np.mean([metrics.sliced_w2(x, r) for r in refs]))
+    return {f"sliced_w2_nfe{nfe}": w2, f"samples_nfe{nfe}": x}
   return fn
