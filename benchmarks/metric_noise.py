@@ -7,7 +7,7 @@ several held-out references, at several sample sizes.
 For each toy (the teacher run's data config, source seed 0): ``--refs`` held-out samples of
 size ``n`` (``source.reference(n, k)``, k = 0..refs-1); sliced W2 between every pair of them
 (the data-vs-data floor: mean, min, max) and between ``n`` samples of the teacher (Euler,
-``--nfe``, sampling key 0) and each of them; the teacher's mean as a multiple of the floor's
+``--nfe``, ``--solver``, sampling key 0) and each of them; the teacher's mean as a multiple of the floor's
 mean. The library's reports use one floor pair (``reference(n, 1)`` vs ``reference(n, 2)``)
 and one reference (``reference(n, 0)``), so this says how much one draw can move a figure.
 """
@@ -29,12 +29,14 @@ from fmdistill import data, runs as runs_lib  # noqa: E402
 from fmdistill.eval import evaluate, metrics  # noqa: E402
 
 
-def rows(wd: str, sizes: list[int], refs: int, nfe: int) -> list[str]:
+def rows(wd: str, sizes: list[int], refs: int, nfe: int, solver: str = "euler") -> list[str]:
   cfg, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
+  with cfg.unlocked():
+    cfg.eval.solver = solver
   source = data.make_source(cfg.data, 0)
   out = []
   for n in sizes:
-    ref = [source.reference(n, k) for k in range(refs)]
+    ref = evaluate.references(source, n, refs)
     dd = [metrics.sliced_w2(a, b) for a, b in itertools.combinations(ref, 2)]
     x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), n, nfe)
     tm = [metrics.sliced_w2(x, r) for r in ref]
@@ -50,16 +52,18 @@ def main() -> None:
   p.add_argument("--n", default="2000,20000", help="sample sizes")
   p.add_argument("--refs", type=int, default=4, help="held-out references per size")
   p.add_argument("--nfe", type=int, default=64)
+  p.add_argument("--solver", default="euler", help="the teacher's ODE solver (eval.solver)")
   args = p.parse_args()
   print(f"machine: {platform.node()} | {os.cpu_count()} CPUs | jax {jax.__version__}")
   print(f"command: python {' '.join(sys.argv)}")
   print()
   print(f"| toy | n | data vs data: mean (min-max over {args.refs * (args.refs - 1) // 2} "
-        f"pairs) | teacher@{args.nfe} vs each reference: mean (min-max) | teacher / floor |")
+        f"pairs) | teacher@{args.nfe} ({args.solver}) vs each reference: mean (min-max) | teacher / floor |")
   print("|---|---|---|---|---|")
   for spec in args.teacher:
     _, wd = spec.split("=", 1)
-    for line in rows(wd, [int(v) for v in args.n.split(",")], args.refs, args.nfe):
+    for line in rows(wd, [int(v) for v in args.n.split(",")], args.refs, args.nfe,
+                     args.solver):
       print(line, flush=True)
 
 
