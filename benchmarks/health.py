@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from fmdistill import data, objectives, runs as runs_lib, train  # noqa: E402
-from fmdistill.eval import evaluate, metrics  # noqa: E402
+from fmdistill.eval import evaluate  # noqa: E402
 import digits  # noqa: E402
 import toy2d  # noqa: E402
 
@@ -76,15 +76,11 @@ def references(cfg) -> list:
   return evaluate.references(data.make_source(cfg.data, 0), N, REFS)
 
 
-def sw2(x, refs: list) -> float:
-  return float(np.mean([metrics.sliced_w2(x, r) for r in refs]))
-
-
 def _teacher_w2(wd: str, refs: list, cache: dict) -> float:
   if wd not in cache:
     cfg, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
     x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), N, 64)
-    cache[wd] = sw2(x, refs)
+    cache[wd] = evaluate.mean_sliced_w2(x, refs)
   return cache[wd]
 
 
@@ -97,7 +93,7 @@ def summary(wd: str, teachers: dict, cache: dict) -> str:
   q = {}
   for nfe in (1, 2):
     x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), N, nfe)
-    q[nfe] = (sw2(x, refs), spread(x, refs[0]))
+    q[nfe] = (evaluate.mean_sliced_w2(x, refs), spread(x, refs[0]))
   name = dataset(cfg)
   tw = _teacher_w2(teachers[name], refs, cache) if name in teachers else None
   alarms = sum(1 for v in h("health/alarm") if v > 0)

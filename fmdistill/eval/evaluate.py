@@ -110,6 +110,12 @@ def references(source, n: int, k: int) -> list[np.ndarray]:
   return [source.reference(n, i) for i in range(min(k, source.distinct_references))]
 
 
+def mean_sliced_w2(samples: np.ndarray, refs: list[np.ndarray]) -> float:
+  """Sliced W2 of ``samples`` to each of ``refs``, averaged (the figure ``scores`` reports, alone:
+  no energy/MMD/classifier work)."""
+  return float(np.mean([metrics.sliced_w2(samples, r) for r in refs]))
+
+
 def _summary(qs: list[dict]) -> tuple[dict, dict]:
   """Per metric: the mean over ``qs``, and ``[min, max]``."""
   mean = {k: float(np.mean([q[k] for q in qs])) for k in qs[0]}
@@ -165,6 +171,5 @@ def periodic_eval_fn(config, source, n: int = 1000):
     which = config.eval.which
     params = state.ema[which] if which in state.ema else state.params
     x = generate(config, net, params, jax.random.PRNGKey(config.seed), len(reference), nfe)
-    w2 = float(np.mean([metrics.sliced_w2(x, r) for r in refs]))
-    return {f"sliced_w2_nfe{nfe}": w2, f"samples_nfe{nfe}": x}
+    return {f"sliced_w2_nfe{nfe}": mean_sliced_w2(x, refs), f"samples_nfe{nfe}": x}
   return fn
