@@ -21,6 +21,7 @@ the alarm.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,7 +66,8 @@ def _train(spec: str, directory: str, teachers: dict) -> str:
       c.model.modulation = mod[0]
     if objectives.entry(method).needs_teacher:
       c.teacher.workdir = teachers[toy]
-    train.train_and_evaluate(c, wd, progress=False)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the table
+      train.train_and_evaluate(c, wd, progress=False)
   return wd
 
 
