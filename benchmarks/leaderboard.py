@@ -111,9 +111,15 @@ def _int_keys(r: dict) -> dict:
   return dict(r, nfe={int(k): v for k, v in r["nfe"].items()})
 
 
-def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Cache) -> dict:
+def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Cache,
+                 student_nfe: dict | None = None) -> dict:
   """``evals[seed]`` (``fmdistill.eval.leaderboard``) from ``evaluate_runs``, one run at a time
-  (cached: a rerun evaluates only new checkpoints)."""
+  (cached: a rerun evaluates only new checkpoints).
+
+  ``student_nfe[name]``: the NFEs this board's config evaluates that run at. A reused run (one
+  trained by an earlier board or script with the same settings) may have stored a longer list,
+  e.g. 1/2/4 for a one-step DMD generator before its config kept only the step counts it was
+  trained on; only the board's own NFEs are evaluated and reported."""
   from fmdistill import runs as runs_lib
   from fmdistill.eval import report
   sdir = os.path.join(out, "samples")
@@ -134,6 +140,8 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
         t0 = time.time()
         if name == "teacher":
           ecfg.teacher_nfe = teacher_nfe
+        if name in (student_nfe or {}):
+          ecfg.student_nfe = tuple(student_nfe[name])
         res = report.evaluate_runs({label: wd}, sdir, seed=seed, evals={label: ecfg})
         for f in ("metrics.json", "quality_vs_nfe.png"):  # one run's: the board draws its own
           os.remove(os.path.join(sdir, f))
@@ -144,7 +152,10 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
       e["floor"] = e["floor"] or got["floor"]
       e.setdefault("floor_range", got.get("floor_range", {}))
       e.setdefault("references", got.get("references", 1))
-      e["runs"][name] = _int_keys(got["run"])
+      r = _int_keys(got["run"])
+      if name in (student_nfe or {}):  # a cache written before the board set the NFEs
+        r["nfe"] = {n: v for n, v in r["nfe"].items() if n in student_nfe[name]}
+      e["runs"][name] = r
   return evals
 
 
@@ -251,12 +262,13 @@ def main(argv=None) -> None:
     return
   os.makedirs(out, exist_ok=True)
   cache = Cache(out)
-  runs = {"teacher": {0: teacher.workdir}}
+  runs, student_nfe = {"teacher": {0: teacher.workdir}}, {}
   for job in jobs:
-    for name, wd in job.runs().items():
+    for (name, wd), c in zip(job.runs().items(), _stages(job)):
       runs.setdefault(name, {})[job.seed] = wd
+      student_nfe[name] = tuple(int(n) for n in c.eval.student_nfe)
   teacher_nfe = tuple(int(n) for n in args.teacher_nfe.split(","))
-  evals = evaluate_all(runs, args.seeds, teacher_nfe, out, cache)
+  evals = evaluate_all(runs, args.seeds, teacher_nfe, out, cache, student_nfe)
   from fmdistill.eval import leaderboard as lb
   metric = lb.metric_of(evals[0]["floor"])
   costs, times = measure(runs, lb.student_rows(evals, metric), evals, metric, args.reps, cache)

@@ -52,6 +52,25 @@ def test_seed_means_stds_and_ratios_to_the_teacher_of_the_same_seed():
   assert math.isnan(lb.student_rows(_evals(1), "sliced_w2")[0]["q"][1][1])  # one seed: no std
 
 
+def test_a_reused_run_reports_only_the_nfes_the_boards_config_evaluates(tmp_path, monkeypatch):
+  # a one-step generator's run stored (and cached) at 1/2/4 NFE: the board's config asks for 1
+  import ml_collections
+  from fmdistill import runs as runs_lib
+  monkeypatch.setattr(runs_lib, "latest_step", lambda wd: 1500)
+  monkeypatch.setattr(runs_lib, "read_config", lambda wd: ml_collections.ConfigDict(
+      {"eval": {"references": 4, "student_nfe": (1, 2, 4)}}))
+  cache = leaderboard.Cache(str(tmp_path))
+  q = lambda v: {"swd": v}  # noqa: E731
+  for name in ("teacher", "dmd"):
+    key = f"eval/0/{name}" + ("/nfe(1, 64)" if name == "teacher" else "") + "/refs4"
+    cache.put(key, 1500, {"floor": {"swd": 0.05}, "floor_range": {}, "references": 4,
+                          "run": {"nfe": {"1": q(0.1), "2": q(0.9), "4": q(1.2)}}})
+  evals = leaderboard.evaluate_all({"teacher": {0: "t"}, "dmd": {0: "d"}}, 1, (1, 64),
+                                   str(tmp_path), cache, {"dmd": (1,)})
+  assert set(evals[0]["runs"]["dmd"]["nfe"]) == {1}
+  assert set(evals[0]["runs"]["teacher"]["nfe"]) == {1, 2, 4}  # the teacher: not filtered
+
+
 def test_write_outputs_tables_csvs_and_plot(tmp_path):
   evals = _evals()
   costs = {"teacher": dict(step_s=1e-3, flops=1e6, temp_bytes=2 ** 20, compile_s=1.0,
