@@ -136,6 +136,9 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
              + f"/refs{nref}")
       label = name if seed == 0 else f"{name}_seed{seed}"
       got = cache.get(key, step)
+      if got is not None and name in (student_nfe or {}) and not (
+          {str(n) for n in student_nfe[name]} <= {str(n) for n in got["run"]["nfe"]}):
+        got = None  # the board asks for an NFE the cached evaluation lacks
       if got is None:
         t0 = time.time()
         if name == "teacher":

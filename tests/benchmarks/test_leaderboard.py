@@ -69,6 +69,21 @@ def test_a_reused_run_reports_only_the_nfes_the_boards_config_evaluates(tmp_path
                                    str(tmp_path), cache, {"dmd": (1,)})
   assert set(evals[0]["runs"]["dmd"]["nfe"]) == {1}
   assert set(evals[0]["runs"]["teacher"]["nfe"]) == {1, 2, 4}  # the teacher: not filtered
+  # and an NFE the cache lacks is evaluated, at the board's NFEs, not silently dropped
+  from fmdistill.eval import report
+  asked = []
+
+  def fake_evaluate_runs(wds, sdir, seed, evals):
+    (label, ecfg), = evals.items()
+    asked.append(tuple(ecfg.student_nfe))
+    for f in ("metrics.json", "quality_vs_nfe.png"):
+      open(os.path.join(sdir, f), "w").close()
+    return {"noise_floor": {"swd": 0.05}, "noise_floor_range": {}, "references": 4,
+            "runs": {label: {"nfe": {str(n): q(0.1) for n in ecfg.student_nfe}}}}
+  monkeypatch.setattr(report, "evaluate_runs", fake_evaluate_runs)
+  evals = leaderboard.evaluate_all({"teacher": {0: "t"}, "dmd": {0: "d"}}, 1, (1, 64),
+                                   str(tmp_path), cache, {"dmd": (1, 8)})
+  assert asked == [(1, 8)] and set(evals[0]["runs"]["dmd"]["nfe"]) == {1, 8}
 
 
 def test_write_outputs_tables_csvs_and_plot(tmp_path):
