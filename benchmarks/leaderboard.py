@@ -135,16 +135,16 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
       key = (f"eval/{seed}/{name}" + (f"/nfe{teacher_nfe}" if name == "teacher" else "")
              + f"/refs{nref}")
       label = name if seed == 0 else f"{name}_seed{seed}"
+      want = (student_nfe or {}).get(name)  # None: the run's stored NFEs (the teacher)
       got = cache.get(key, step)
-      if got is not None and name in (student_nfe or {}) and not (
-          {str(n) for n in student_nfe[name]} <= {str(n) for n in got["run"]["nfe"]}):
+      if got is not None and want and not set(want) <= set(_int_keys(got["run"])["nfe"]):
         got = None  # the board asks for an NFE the cached evaluation lacks
       if got is None:
         t0 = time.time()
         if name == "teacher":
           ecfg.teacher_nfe = teacher_nfe
-        if name in (student_nfe or {}):
-          ecfg.student_nfe = tuple(student_nfe[name])
+        if want:
+          ecfg.student_nfe = tuple(want)
         res = report.evaluate_runs({label: wd}, sdir, seed=seed, evals={label: ecfg})
         for f in ("metrics.json", "quality_vs_nfe.png"):  # one run's: the board draws its own
           os.remove(os.path.join(sdir, f))
@@ -156,8 +156,8 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
       e.setdefault("floor_range", got.get("floor_range", {}))
       e.setdefault("references", got.get("references", 1))
       r = _int_keys(got["run"])
-      if name in (student_nfe or {}):  # a cache written before the board set the NFEs
-        r["nfe"] = {n: v for n, v in r["nfe"].items() if n in student_nfe[name]}
+      if want:  # a cache written before the board set the NFEs may hold more
+        r["nfe"] = {n: v for n, v in r["nfe"].items() if n in want}
       e["runs"][name] = r
   return evals
 
