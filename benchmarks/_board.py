@@ -59,10 +59,15 @@ def apply_sets(c: ml_collections.ConfigDict, sets: list[str]) -> None:
     *head, last = key.split(".")
     d = c
     for k in head:
+      if not isinstance(d, ml_collections.ConfigDict) or k not in d:
+        raise ConfigError(f"--set {item!r}: config has no field {key!r}")
       d = d[k]
-    if last not in d:
+    if not isinstance(d, ml_collections.ConfigDict) or last not in d:
       raise ConfigError(f"--set {item!r}: config has no field {key!r}")
-    d[last] = literal(value, d[last])
+    try:
+      d[last] = literal(value, d[last])
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"--set {item!r}: {e}") from None
 
 
 def literal(value: str, like: Any) -> Any:
@@ -112,6 +117,7 @@ def teacher_job(exp, keys: list[str], workdir: str, steps: int, sets: list[str])
   c = exp.get_config(",".join(["flow_matching", *keys, "seed=0"]
                               + ([f"steps={steps}"] if steps else [])))
   apply_sets(c, sets)
+  config_lib.validate(c)  # a bad dataset key or --set is one error, not a skip of every student
   return Job("teacher", 0, workdir, c)
 
 

@@ -51,15 +51,32 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--seeds", type=int, default=1)
   p.add_argument("--steps", type=int, default=0, help="every run's budget (0: the file's)")
   p.add_argument("--teacher_steps", type=int, default=-1, help="the teacher's (default --steps)")
-  p.add_argument("--teacher", default="", help="a finished flow-matching run to reuse")
-  p.add_argument("--teacher_nfe", default=",".join(map(str, (1, 2, 4, 8, 16, 32, 64))))
+  p.add_argument("--teacher", default="", help="a flow-matching run to reuse (trained or "
+                 "resumed there first if it is not finished)")
+  p.add_argument("--teacher_nfe", default=",".join(map(str, (1, 2, 4, 8, 16, 32, 64))),
+                 help="comma-separated positive step counts of the teacher's Euler curve")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a config field of every run (e.g. model.width=64)")
   p.add_argument("--runs", default="")
   p.add_argument("--out", default="")
   p.add_argument("--reps", type=int, default=5, help="timed repeats (median)")
   p.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  raw = args.teacher_nfe
+  try:
+    args.teacher_nfe = tuple(int(n) for n in raw.split(","))
+  except ValueError:
+    args.teacher_nfe = ()
+  for bad, why in ((not args.teacher_nfe or min(args.teacher_nfe) < 1,
+                    f"--teacher_nfe {raw!r}: comma-separated positive integers"),
+                   (args.seeds < 1, f"--seeds {args.seeds}: at least 1"),
+                   (args.steps < 0, f"--steps {args.steps}: 0 (the file's budgets) or more"),
+                   (args.teacher_steps < -1,
+                    f"--teacher_steps {args.teacher_steps}: -1 (--steps), 0 or more"),
+                   (args.reps < 1, f"--reps {args.reps}: at least 1")):
+    if bad:
+      p.error(why)  # one usage line, exit 2, before anything trains
+  return args
 
 
 def plan(args):
@@ -84,6 +101,8 @@ def plan(args):
         jobs.append(_board.student_job(exp, spec, keys, seed, args.steps, teacher.workdir,
                                        os.path.join(runs, f"seed{seed}", spec), args.set))
       except ConfigError as e:
+        if args.methods:  # asked for by name: not a row to drop silently
+          raise ConfigError(f"--methods {spec}: {e}") from None
         skipped[spec] = str(e)
   return teacher, jobs, skipped, dataset, runs, os.path.abspath(args.out or
                                                                  os.path.join("results", dataset))
@@ -94,7 +113,19 @@ class Cache:
 
   def __init__(self, out: str):
     self.path = os.path.join(out, "cache.json")
-    self.data = json.load(open(self.path)) if os.path.exists(self.path) else {}
+    self.data = {}
+    if os.path.exists(self.path):
+      try:
+        with open(self.path) as f:
+          self.data = json.load(f)
+        if not isinstance(self.data, dict):
+          raise ValueError(f"a JSON {type(self.data).__name__}, not an object")
+      except ValueError as e:  # a half-written or edited file: keep it aside, evaluate afresh
+        aside = f"{self.path}.unreadable-{int(time.time())}"
+        os.replace(self.path, aside)
+        self.data = {}
+        print(f"warning: {self.path} is unreadable ({' '.join(str(e).split())[:120]}); moved "
+              f"to {aside}, the runs are evaluated again", file=sys.stderr, flush=True)
 
   def get(self, key: str, step: int):
     v = self.data.get(key)
@@ -239,7 +270,26 @@ def write(out: str, header: list[str], evals: dict, costs: dict, times: dict) ->
 
 
 def main(argv=None) -> None:
+  """Errors the user can fix (an unknown method or field, a bad config file or workdir, a
+  missing teacher) are one line on stderr and exit 2. SIGTERM during a training saves that run's
+  checkpoint and exits 0; elsewhere it ends the process (runs are checkpointed and the cache is
+  replaced atomically: a rerun resumes)."""
   args = parse(argv)
+  from fmdistill.errors import Preempted
+  try:
+    board(args, argv)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
+  except (ValueError, OSError) as e:  # ConfigError, DataError, WorkdirError, FileNotFoundError
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+      text = f"{text}: {e.filename}"
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
+
+
+def board(args: argparse.Namespace, argv=None) -> None:
   import _common
   teacher, jobs, skipped, dataset, runs_dir, out = plan(args)
   header = [f"machine: {_common.machine()}",
@@ -270,8 +320,7 @@ def main(argv=None) -> None:
     for (name, wd), c in zip(job.runs().items(), _stages(job)):
       runs.setdefault(name, {})[job.seed] = wd
       student_nfe[name] = tuple(int(n) for n in c.eval.student_nfe)
-  teacher_nfe = tuple(int(n) for n in args.teacher_nfe.split(","))
-  evals = evaluate_all(runs, args.seeds, teacher_nfe, out, cache, student_nfe)
+  evals = evaluate_all(runs, args.seeds, args.teacher_nfe, out, cache, student_nfe)
   from fmdistill.eval import leaderboard as lb
   metric = lb.metric_of(evals[0]["floor"])
   costs, times = measure(runs, lb.student_rows(evals, metric), evals, metric, args.reps, cache)

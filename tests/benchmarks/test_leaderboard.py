@@ -132,9 +132,47 @@ def test_dry_run_lists_every_student_and_trains_nothing(tmp_path, capsys):
   assert "reflow seed 1 (2000, 2000, 2000 steps)" in out  # 2 rounds + the distill stage
   assert f"tri_consistency@split=backward seed 0 (4000 steps) -> {runs}" in out
   assert not runs.exists() and not (tmp_path / "out").exists()
-  with pytest.raises(ValueError, match="no objective field 'no_such'"):
-    leaderboard.main(["--config", "experiments/toy2d.py", "--dry-run", "--runs", str(runs),
-                      "--methods", "meanflow@no_such=1"])
+
+
+BAD_ARGS = {
+    "unknown method": (["--methods", "meanflow,no_such"], "unknown method 'no_such'"),
+    "unknown objective field": (["--methods", "meanflow@no_such=1"],
+                                "no objective field 'no_such'"),
+    "unknown --set field": (["--set", "model.no_such=1"], "config has no field 'model.no_such'"),
+    "--set under a leaf": (["--set", "train.steps.x=1"], "config has no field 'train.steps.x'"),
+    "--set of the wrong type": (["--set", "train.steps=abc"], "'train.steps=abc'"),
+    "bad dataset key": (["--toy", "no_such"], "config.data.toy='no_such' is invalid"),
+    "missing config file": (["--config", "experiments/no_such.py"], "no_such.py"),
+    "bad teacher NFEs": (["--teacher_nfe", "1,abc"], "--teacher_nfe '1,abc'"),
+    "zero teacher NFE": (["--teacher_nfe", "0,4"], "--teacher_nfe '0,4'"),
+    "no seeds": (["--seeds", "0"], "--seeds 0"),
+    "negative budget": (["--steps", "-5"], "--steps -5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_a_bad_argument_is_one_line_exit_2_before_anything_runs(case, tmp_path, capsys):
+  extra, message = BAD_ARGS[case]
+  config = [] if extra[0] == "--config" else ["--config", "experiments/toy2d.py"]
+  argv = config + ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                   "--methods", "meanflow"] + extra  # argparse: the last --methods wins
+  with pytest.raises(SystemExit) as e:
+    leaderboard.main(argv)  # not a dry run: an error must come before any training
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert message in err[-1] and "error" in err[-1] and "Traceback" not in "".join(err)
+  assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_cache_is_moved_aside_not_lost(tmp_path, capsys):
+  (tmp_path / "cache.json").write_text('{"eval/0/teacher": {"step": 5, "va')  # cut off
+  cache = leaderboard.Cache(str(tmp_path))
+  assert cache.data == {} and not (tmp_path / "cache.json").exists()
+  aside = [p for p in os.listdir(tmp_path) if p.startswith("cache.json.unreadable-")]
+  assert len(aside) == 1 and (tmp_path / aside[0]).read_text().startswith('{"eval/0/teacher"')
+  assert "unreadable" in capsys.readouterr().err
+  cache.put("k", 3, {"a": 1})
+  assert leaderboard.Cache(str(tmp_path)).get("k", 3) == {"a": 1}
 
 
 TINY = ["--config", "experiments/toy2d.py", "--toy", "checkerboard", "--steps", "5",
