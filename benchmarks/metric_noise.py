@@ -2,14 +2,16 @@ r"""How noisy is sliced W2 on the toys? Data vs data over several pairs, and a t
 several held-out references, at several sample sizes.
 
     python benchmarks/metric_noise.py --teacher checkerboard=runs/fm_checkerboard \
-        --teacher moons=runs/fm_moons --n 2000,20000 --refs 4
+        --teacher moons=runs/fm_moons --n 2000,20000 --refs 4 --draws 16
 
 For each toy (the teacher run's data config, source seed 0): ``--refs`` held-out samples of
 size ``n`` (``source.reference(n, k)``, k = 0..refs-1); sliced W2 between every pair of them
-(the data-vs-data floor: mean, min, max) and between ``n`` samples of the teacher (Euler,
-``--nfe``, ``--solver``, sampling key 0) and each of them; the teacher's mean as a multiple of the floor's
-mean. The library's reports use one floor pair (``reference(n, 1)`` vs ``reference(n, 2)``)
-and one reference (``reference(n, 0)``), so this says how much one draw can move a figure.
+(the data-vs-data floor: mean, min, max) and between ``n`` samples of the teacher (``--nfe``,
+``--solver``, sampling key 0: the draw a report scores) and each of them; the teacher's mean as
+a multiple of the floor's mean. With ``--draws K`` also the same figure (mean over the
+references) for K sample draws of the teacher (keys 0..K-1): mean ± std, min–max, and that mean
+over the floor. The reports average over the references (``eval.references``) but score one
+sample draw of each model, so this says how much each of the two draws can move a figure.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from fmdistill import data, runs as runs_lib  # noqa: E402
 from fmdistill.eval import evaluate, metrics  # noqa: E402
 
 
-def rows(wd: str, sizes: list[int], refs: int, nfe: int, solver: str = "euler") -> list[str]:
+def rows(wd: str, sizes: list[int], refs: int, nfe: int, solver: str = "euler",
+         draws: int = 1) -> list[str]:
   cfg, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
   with cfg.unlocked():
     cfg.eval.solver = solver
@@ -40,9 +43,15 @@ def rows(wd: str, sizes: list[int], refs: int, nfe: int, solver: str = "euler") 
     dd = [metrics.sliced_w2(a, b) for a, b in itertools.combinations(ref, 2)]
     x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), n, nfe)
     tm = [metrics.sliced_w2(x, r) for r in ref]
-    out.append(f"| {cfg.data.toy} | {n} | {np.mean(dd):.4f} ({min(dd):.4f}-{max(dd):.4f}) | "
-               f"{np.mean(tm):.4f} ({min(tm):.4f}-{max(tm):.4f}) | "
-               f"{np.mean(tm) / np.mean(dd):.2f} |")
+    line = (f"| {cfg.data.toy} | {n} | {np.mean(dd):.4f} ({min(dd):.4f}-{max(dd):.4f}) | "
+            f"{np.mean(tm):.4f} ({min(tm):.4f}-{max(tm):.4f}) | {np.mean(tm) / np.mean(dd):.2f} |")
+    if draws > 1:
+      per = [np.mean(tm)] + [
+          evaluate.mean_sliced_w2(evaluate.generate(cfg, net, params, jax.random.PRNGKey(k), n,
+                                                    nfe), ref) for k in range(1, draws)]
+      line += (f" {np.mean(per):.4f} ± {np.std(per):.4f} ({min(per):.4f}-{max(per):.4f}) | "
+               f"{np.mean(per) / np.mean(dd):.2f} |")
+    out.append(line)
   return out
 
 
@@ -53,17 +62,22 @@ def main() -> None:
   p.add_argument("--refs", type=int, default=4, help="held-out references per size")
   p.add_argument("--nfe", type=int, default=64)
   p.add_argument("--solver", default="euler", help="the teacher's ODE solver (eval.solver)")
+  p.add_argument("--draws", type=int, default=1, help="sample draws of the teacher (keys 0..)")
   args = p.parse_args()
+  if args.refs < 2 or args.draws < 1:
+    p.error(f"--refs {args.refs} (at least 2) and --draws {args.draws} (at least 1)")
   print(f"machine: {platform.node()} | {os.cpu_count()} CPUs | jax {jax.__version__}")
   print(f"command: python {' '.join(sys.argv)}")
   print()
   print(f"| toy | n | data vs data: mean (min-max over {args.refs * (args.refs - 1) // 2} "
-        f"pairs) | teacher@{args.nfe} ({args.solver}) vs each reference: mean (min-max) | teacher / floor |")
-  print("|---|---|---|---|---|")
+        f"pairs) | teacher@{args.nfe} ({args.solver}, key 0) vs each reference: mean (min-max) "
+        "| teacher / floor |" + (f" teacher over {args.draws} sample draws: mean ± std (min-max) "
+                                 "| / floor |" if args.draws > 1 else ""))
+  print("|---|---|---|---|---|" + ("---|---|" if args.draws > 1 else ""))
   for spec in args.teacher:
     _, wd = spec.split("=", 1)
     for line in rows(wd, [int(v) for v in args.n.split(",")], args.refs, args.nfe,
-                     args.solver):
+                     args.solver, args.draws):
       print(line, flush=True)
 
 
