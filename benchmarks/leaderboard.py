@@ -275,17 +275,14 @@ def main(argv=None) -> None:
   checkpoint and exits 0; elsewhere it ends the process (runs are checkpointed and the cache is
   replaced atomically: a rerun resumes)."""
   args = parse(argv)
-  from fmdistill.errors import Preempted
+  from fmdistill.errors import Preempted, one_line
   try:
     board(args, argv)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
   except (ValueError, OSError) as e:  # ConfigError, DataError, WorkdirError, FileNotFoundError
-    text = " ".join(str(e).split())
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-      text = f"{text}: {e.filename}"
-    print(f"error: {text}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 

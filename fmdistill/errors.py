@@ -1,6 +1,18 @@
 """Errors that reach the user as one line (``python -m fmdistill.main`` prints them and exits 2)."""
 from __future__ import annotations
 
+_MAX_CHARS = 600  # a message longer than this (a dumped pytree, a long path list) is cut
+
+
+def one_line(e: BaseException) -> str:
+  """``e``'s message as the one line a user sees after ``error:``: whitespace (newlines
+  included) collapsed, the file name of an ``OSError`` appended when its message lacks it, cut
+  to 600 characters. Used by ``python -m fmdistill.main`` and the benchmark scripts."""
+  text = " ".join(str(e).split())
+  if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+    text = f"{text}: {e.filename}"
+  return text if len(text) <= _MAX_CHARS else text[:_MAX_CHARS] + "..."
+
 
 class ConfigError(ValueError):
   """A config field has a value the library cannot run with; the message names the field and

@@ -48,7 +48,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from fmdistill import config as config_lib, objectives, parallel, runs as runs_lib  # noqa: E402
 from fmdistill import tblog, train, workdir as workdir_lib  # noqa: E402
-from fmdistill.errors import ConfigError, Preempted  # noqa: E402
+from fmdistill.errors import ConfigError, Preempted, one_line  # noqa: E402
 from fmdistill.eval import evaluate as evaluate_lib, plots, report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]")
@@ -257,7 +257,7 @@ def main(argv):
     print(str(e), file=sys.stderr)
     sys.exit(0)
   except (ValueError, OSError, FloatingPointError) as e:  # OSError: FileNotFoundError, ...
-    _fail(_one_line(e))
+    _fail(one_line(e))
   if _EVAL.value and _MODE.value != "sample":
     print(f"done: see {os.path.join(_WORKDIR.value, 'report.md')}")
 
@@ -265,13 +265,6 @@ def main(argv):
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-    text = f"{text}: {e.filename}"
-  return text if len(text) <= 600 else text[:600] + "..."
 
 
 def parse_flags(argv: list[str]) -> list[str]:
