@@ -60,6 +60,8 @@ def parse(argv=None) -> argparse.Namespace:
   p.add_argument("--runs", default="")
   p.add_argument("--out", default="")
   p.add_argument("--reps", type=int, default=5, help="timed repeats (median)")
+  p.add_argument("--draws", type=int, default=1, help="sample draws of each model a figure "
+                 "is averaged over (eval.draws; the std over draws goes into quality.csv)")
   p.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
   args = p.parse_args(argv)
   raw = args.teacher_nfe
@@ -73,7 +75,8 @@ def parse(argv=None) -> argparse.Namespace:
                    (args.steps < 0, f"--steps {args.steps}: 0 (the file's budgets) or more"),
                    (args.teacher_steps < -1,
                     f"--teacher_steps {args.teacher_steps}: -1 (--steps), 0 or more"),
-                   (args.reps < 1, f"--reps {args.reps}: at least 1")):
+                   (args.reps < 1, f"--reps {args.reps}: at least 1"),
+                   (args.draws < 1, f"--draws {args.draws}: at least 1")):
     if bad:
       p.error(why)  # one usage line, exit 2, before anything trains
   return args
@@ -139,18 +142,21 @@ class Cache:
 
 
 def _int_keys(r: dict) -> dict:
-  return dict(r, nfe={int(k): v for k, v in r["nfe"].items()})
+  """A cached run's evaluation with its NFE keys back as integers (JSON made them strings)."""
+  return dict(r, nfe={int(k): v for k, v in r["nfe"].items()},
+              draw_std={int(k): v for k, v in r.get("draw_std", {}).items()})
 
 
 def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Cache,
-                 student_nfe: dict | None = None) -> dict:
+                 student_nfe: dict | None = None, draws: int = 1) -> dict:
   """``evals[seed]`` (``fmdistill.eval.leaderboard``) from ``evaluate_runs``, one run at a time
   (cached: a rerun evaluates only new checkpoints).
 
   ``student_nfe[name]``: the NFEs this board's config evaluates that run at. A reused run (one
   trained by an earlier board or script with the same settings) may have stored a longer list,
   e.g. 1/2/4 for a one-step DMD generator before its config kept only the step counts it was
-  trained on; only the board's own NFEs are evaluated and reported."""
+  trained on; only the board's own NFEs are evaluated and reported. ``draws``: sample draws
+  of each model every figure is averaged over (``eval.draws``; cached apart from other counts)."""
   from fmdistill import runs as runs_lib
   from fmdistill.eval import report
   sdir = os.path.join(out, "samples")
@@ -164,7 +170,7 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
       ecfg = runs_lib.read_config(wd).eval
       nref = int(ecfg.get("references", 4))  # figures averaged over nref references
       key = (f"eval/{seed}/{name}" + (f"/nfe{teacher_nfe}" if name == "teacher" else "")
-             + f"/refs{nref}")
+             + f"/refs{nref}" + (f"/draws{draws}" if draws > 1 else ""))
       label = name if seed == 0 else f"{name}_seed{seed}"
       want = (student_nfe or {}).get(name)  # None: the run's stored NFEs (the teacher)
       got = cache.get(key, step)
@@ -172,6 +178,8 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
         got = None  # the board asks for an NFE the cached evaluation lacks
       if got is None:
         t0 = time.time()
+        with ecfg.unlocked():  # a run written before eval.draws existed lacks the field
+          ecfg.draws = draws
         if name == "teacher":
           ecfg.teacher_nfe = teacher_nfe
         if want:
@@ -180,12 +188,13 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
         for f in ("metrics.json", "quality_vs_nfe.png"):  # one run's: the board draws its own
           os.remove(os.path.join(sdir, f))
         got = {"floor": res["noise_floor"], "floor_range": res["noise_floor_range"],
-               "references": res["references"], "run": res["runs"][label]}
+               "references": res["references"], "draws": draws, "run": res["runs"][label]}
         cache.put(key, step, json.loads(json.dumps(got)))
         print(f"  evaluated {name} (seed {seed}) in {time.time() - t0:.0f} s", flush=True)
       e["floor"] = e["floor"] or got["floor"]
       e.setdefault("floor_range", got.get("floor_range", {}))
       e.setdefault("references", got.get("references", 1))
+      e.setdefault("draws", got.get("draws", 1))
       r = _int_keys(got["run"])
       if want:  # a cache written before the board set the NFEs may hold more
         r["nfe"] = {n: v for n, v in r["nfe"].items() if n in want}
@@ -240,9 +249,11 @@ def write(out: str, header: list[str], evals: dict, costs: dict, times: dict) ->
   spd = lb.speedups(rows, tcurve, times)
   n = len(evals)
   nref, span = evals[0].get("references", 1), evals[0].get("floor_range", {}).get(metric)
+  ndraw = evals[0].get("draws", 1)
   lines = header + [
       "", f"Figure: `{metric}` to held-out data (lower is better), "
       + (f"each the mean over {nref} held-out samples, " if nref > 1 else "")
+      + (f"and over {ndraw} sample draws of each model, " if ndraw > 1 else "")
       + f"{n} seed(s){' (mean ± std)' if n > 1 else ''}; data-vs-data floor "
       f"{lb.fmt(lb.mean_std([e['floor'][metric] for e in evals.values()]))}"
       + (f" (seed 0: {span[0]:.4g}–{span[1]:.4g} over the pairs of samples)" if span else "")
@@ -317,7 +328,7 @@ def board(args: argparse.Namespace, argv=None) -> None:
     for (name, wd), c in zip(job.runs().items(), _stages(job)):
       runs.setdefault(name, {})[job.seed] = wd
       student_nfe[name] = tuple(int(n) for n in c.eval.student_nfe)
-  evals = evaluate_all(runs, args.seeds, args.teacher_nfe, out, cache, student_nfe)
+  evals = evaluate_all(runs, args.seeds, args.teacher_nfe, out, cache, student_nfe, args.draws)
   from fmdistill.eval import leaderboard as lb
   metric = lb.metric_of(evals[0]["floor"])
   costs, times = measure(runs, lb.student_rows(evals, metric), evals, metric, args.reps, cache)

@@ -39,7 +39,7 @@ _PART = dict(lr=1e-3, schedule="constant", warmup_steps=0, final_lr=0.05, b1=0.9
 _EVAL = dict(num_samples=2000, teacher_nfe=(1, 2, 4, 8, 64), student_nfe=(1, 2, 4),
              solver="euler", gamma=0.0, which="ema_0.999", classifier_steps=600,
              inception_weights="", fid_reference_num=50_000, fid_batch=50,
-             guidance_interval=(), references=4)
+             guidance_interval=(), references=4, draws=1)
 
 
 def base(method: str) -> ml_collections.ConfigDict:
@@ -260,6 +260,8 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
   _check(_int(e.get("references", 2)) and e.get("references", 2) >= 2, "eval.references",
          e.get("references"), "an integer >= 2 (held-out samples each figure is averaged over; "
          "the floor uses every pair of them)")
+  _check(_int(e.get("draws", 1)) and e.get("draws", 1) >= 1, "eval.draws", e.get("draws"),
+         "a positive integer (sample draws of each model its figures are averaged over)")
   _check(_int(e.classifier_steps) and e.classifier_steps >= 1, "eval.classifier_steps",
          e.classifier_steps, "a positive integer")
   w = e.get("inception_weights", "")

@@ -218,16 +218,18 @@ def csv_rows(rows: list[dict], costs: dict, spd: list[dict]) -> list[dict]:
 
 
 def long_rows(evals: dict) -> list[dict]:
-  """Every figure ``evaluate_runs`` returned: one CSV row per seed, run, NFE and metric."""
+  """Every figure ``evaluate_runs`` returned: one CSV row per seed, run, NFE and metric
+  (``draw_std``: its standard deviation over sample draws, empty for one draw)."""
   out = []
   for seed, e in sorted(evals.items()):
     for k, v in e["floor"].items():
       out.append(dict(seed=seed, run="floor", method="data", step="", nfe="", metric=k, value=v))
     for name, r in e["runs"].items():
       for nfe, q in sorted(r["nfe"].items()):
+        std = r.get("draw_std", {}).get(nfe, {})
         for k, v in q.items():
           out.append(dict(seed=seed, run=name, method=r["method"], step=r["step"], nfe=nfe,
-                          metric=k, value=v))
+                          metric=k, value=v, draws=r.get("draws", 1), draw_std=std.get(k)))
   return out
 
 

@@ -60,6 +60,10 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
   (``evaluate.references``; a finite dataset has two), with its ``[min, max]`` over them in
   ``runs[name]['range'][nfe]``; the floor (``noise_floor``) is the mean over every pair of them,
   its ``[min, max]`` in ``noise_floor_range``. All runs are scored against the same samples.
+  With ``eval.draws = K > 1`` each model's figure is also the mean over K sample draws (keys
+  ``evaluate.draw_key(seed, d)``; draw 0 is the one-draw figure's and the one plotted), the
+  range spans every draw and reference, and ``runs[name]['draw_std'][nfe]`` holds the standard
+  deviation over draws.
   """
   stored = {name: runs_lib.read_config(wd) for name, wd in runs.items()}  # before any write
   ecfg = {name: (evals or {}).get(name) or stored[name].eval for name in runs}
@@ -90,21 +94,28 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
             f"{run.describe()}", file=sys.stderr)
     sampler = objectives.entry(config.method).sampler
     nfes = config.eval.teacher_nfe if sampler == "ode" else config.eval.student_nfe
-    per_nfe, spans, panels = {}, {}, {}
+    per_nfe, spans, stds, panels = {}, {}, {}, {}
+    draws = int(config.eval.get("draws", 1))
     for nfe in nfes:
       t0 = time.time()
-      x = evaluate.generate(config, net, params, jax.random.PRNGKey(seed), len(reference), nfe,
-                            guidance=guidance)
-      q, spans[int(nfe)] = evaluate.scores(x, refs, clf, fid)
+      sample = lambda d, nfe=nfe: evaluate.generate(
+          config, net, params, evaluate.draw_key(seed, d), len(reference), nfe,
+          guidance=guidance)
+      q, spans[int(nfe)], std, x = evaluate.scores_over_draws(sample, draws, refs, clf, fid)
       q["seconds"] = time.time() - t0
       per_nfe[int(nfe)] = q
+      if std:
+        stds[int(nfe)] = std
       panels[f"{name} {nfe} NFE"] = x
     plots.samples_figure(panels, os.path.join(out_dir, f"samples_{name}.png"),
                          reference=reference,
                          title=f"{name} ({config.method}), {run.describe()}")
     result["runs"][name] = {"method": config.method, "sampler": sampler, "workdir": wd,
                             "step": run.step, "steps": run.steps, "finished": run.finished,
-                            "which": run.which, "nfe": per_nfe, "range": spans}
+                            "which": run.which, "nfe": per_nfe, "range": spans,
+                            "draws": draws}
+    if stds:
+      result["runs"][name]["draw_std"] = stds
     if sampler == "ode":  # ReFlow rounds, teachers: how straight the learned flow is
       result["runs"][name]["straightness"] = ode_straightness(config, net, params, seed,
                                                               len(reference))
@@ -163,7 +174,7 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
            "the same size" + (" (the two samples)" if nref == 2 else
                               f" (mean over the {nref * (nref - 1) // 2} pairs of those samples, "
                               "min–max in brackets)" if nref > 2 else "") +
-           " — no model can be expected to go below it.", ""]
+           " — no model can be expected to go below it." + _draws_sentence(result), ""]
   for name, r in result["runs"].items():
     if "step" in r:
       lines.append(f"- Run `{name}`: weights `{r['which']}` of checkpoint step {r['step']} of "
@@ -185,8 +196,10 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
   lines.append("| data vs data (floor) | | | " + " | ".join(fl(m) for m in keys) + " | |")
   for name, r in result["runs"].items():
     for nfe, q in r["nfe"].items():
+      std = r.get("draw_std", {}).get(nfe, {})
+      cell = lambda k: f"{q[k]:.4g}" + (f" ± {std[k]:.2g}" if k in std else "")
       lines.append(f"| {name} | {r['method']} | {nfe} | "
-                   + " | ".join(f"{q[k]:.4g}" for k in keys) + f" | {q['seconds']:.2f} |")
+                   + " | ".join(cell(k) for k in keys) + f" | {q['seconds']:.2f} |")
   straight = {n: r["straightness"] for n, r in result["runs"].items() if "straightness" in r}
   if straight:
     lines += ["", "Straightness `S(Z) = int E||(Z_1 - Z_0) - dZ_t/dt||^2 dt` of each velocity "
@@ -197,3 +210,17 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
   for name in result["runs"]:
     lines += [f"![{name} samples](samples_{name}.png)", ""]
   return "\n".join(lines)
+
+
+def _draws_sentence(result: dict) -> str:
+  """How many sample draws of each model its figures average (empty when every run has one)."""
+  draws = {name: r.get("draws", 1) for name, r in result["runs"].items()}
+  if set(draws.values()) <= {1}:
+    return ""
+  if len(set(draws.values())) == 1:
+    k = next(iter(draws.values()))
+    return (f" Each model's figure is also the mean over {k} sample draws of the model "
+            "(± the standard deviation over draws; `seconds` covers all of them).")
+  per = ", ".join(f"`{n}` {k}" for n, k in draws.items())
+  return (f" Each model's figure is also the mean over its sample draws ({per}; ± the standard "
+          "deviation over draws; `seconds` covers all of them).")

@@ -86,6 +86,52 @@ def test_a_reused_run_reports_only_the_nfes_the_boards_config_evaluates(tmp_path
   assert asked == [(1, 8)] and set(evals[0]["runs"]["dmd"]["nfe"]) == {1, 8}
 
 
+def test_draws_reach_the_evaluation_are_cached_apart_and_reach_the_outputs(tmp_path,
+                                                                           monkeypatch):
+  import ml_collections
+  from fmdistill import runs as runs_lib
+  from fmdistill.eval import report
+  stored = ml_collections.ConfigDict({"eval": {"references": 4, "student_nfe": (1,),
+                                               "teacher_nfe": (1,)}})
+  stored.lock()  # as read back from a run written before eval.draws existed
+  monkeypatch.setattr(runs_lib, "latest_step", lambda wd: 7)
+  monkeypatch.setattr(runs_lib, "read_config", lambda wd: stored)
+  cache = leaderboard.Cache(str(tmp_path))
+  q = lambda v: {"sliced_w2": v}  # noqa: E731
+  for name in ("teacher", "st"):  # one-draw figures already cached: not what --draws 3 asks
+    key = f"eval/0/{name}" + ("/nfe(1, 64)" if name == "teacher" else "") + "/refs4"
+    cache.put(key, 7, {"floor": q(0.05), "floor_range": {}, "references": 4,
+                       "run": {"method": "m", "step": 7, "nfe": {"1": q(9.0), "64": q(9.0)}}})
+  asked = []
+
+  def fake_evaluate_runs(wds, sdir, seed, evals):
+    (label, ecfg), = evals.items()
+    asked.append((label, ecfg.draws))
+    for f in ("metrics.json", "quality_vs_nfe.png"):
+      open(os.path.join(sdir, f), "w").close()
+    nfe = (1, 64) if label == "teacher" else (1,)
+    return {"noise_floor": q(0.05), "noise_floor_range": {}, "references": 4,
+            "runs": {label: {"method": "flow_matching" if label == "teacher" else "meanflow",
+                             "step": 7, "steps": 7, "draws": ecfg.draws,
+                             "nfe": {str(n): q(0.1 * n) for n in nfe},
+                             "draw_std": {str(n): q(0.01) for n in nfe}}}}
+  monkeypatch.setattr(report, "evaluate_runs", fake_evaluate_runs)
+  args = ({"teacher": {0: "t"}, "st": {0: "s"}}, 1, (1, 64), str(tmp_path), cache,
+          {"st": (1,)})
+  evals = leaderboard.evaluate_all(*args, draws=3)
+  assert asked == [("teacher", 3), ("st", 3)] and evals[0]["draws"] == 3
+  assert evals[0]["runs"]["st"]["nfe"][1] == q(0.1)  # not the cached one-draw 9.0
+  assert evals[0]["runs"]["st"]["draw_std"][1] == q(0.01)
+  assert leaderboard.evaluate_all(*args, draws=3)[0]["runs"]["st"]["nfe"][1] == q(0.1)
+  assert len(asked) == 2  # the three-draw figures are cached in their turn
+  assert leaderboard.evaluate_all(*args)[0]["runs"]["st"]["nfe"][1] == q(9.0)
+  text = leaderboard.write(str(tmp_path), ["machine: m"], evals, {}, {})
+  assert "mean over 4 held-out samples, and over 3 sample draws of each model" in text
+  with open(tmp_path / "quality.csv") as f:
+    st = [r for r in csv.DictReader(f) if r["run"] == "st"]
+  assert st[0]["draws"] == "3" and float(st[0]["draw_std"]) == 0.01
+
+
 def test_write_outputs_tables_csvs_and_plot(tmp_path):
   evals = _evals()
   costs = {"teacher": dict(step_s=1e-3, flops=1e6, temp_bytes=2 ** 20, compile_s=1.0,
@@ -147,6 +193,7 @@ BAD_ARGS = {
     "zero teacher NFE": (["--teacher_nfe", "0,4"], "--teacher_nfe '0,4'"),
     "no seeds": (["--seeds", "0"], "--seeds 0"),
     "negative budget": (["--steps", "-5"], "--steps -5"),
+    "no sample draws": (["--draws", "0"], "--draws 0"),
 }
 
 

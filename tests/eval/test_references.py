@@ -57,3 +57,29 @@ def test_fid_is_computed_once_per_sample_set():
   fmean, _ = evaluate.floor(refs, fid=fid)
   assert len(calls) == 4
   assert fmean["fid"] == pytest.approx(np.mean([np.abs(r).mean() for r in refs]))
+
+
+def test_draws_average_whole_sample_sets_and_report_their_spread():
+  """``scores_over_draws``: the mean over draws of each draw's mean over the references, the
+  range over every draw and reference, the std over draws; one draw is ``scores`` itself."""
+  refs = evaluate.references(_toy(), 300, 3)
+  rng = np.random.default_rng(1)
+  sets = [refs[0] + 0.2 + 0.1 * rng.standard_normal(refs[0].shape).astype(np.float32)
+          for _ in range(4)]
+  mean, span, std, first = evaluate.scores_over_draws(lambda d: sets[d], 4, refs)
+  per = [[metrics.sliced_w2(s, r) for r in refs] for s in sets]
+  draw_means = [np.mean(p) for p in per]
+  assert mean["sliced_w2"] == pytest.approx(np.mean(draw_means))
+  assert span["sliced_w2"] == pytest.approx([np.min(per), np.max(per)])
+  assert std["sliced_w2"] == pytest.approx(np.std(draw_means, ddof=1))
+  assert std["sliced_w2"] > 0 and first is sets[0]
+  one = evaluate.scores_over_draws(lambda d: sets[d], 1, refs)
+  assert one[:2] == evaluate.scores(sets[0], refs) and one[2] == {}
+  with pytest.raises(ValueError, match="draws"):
+    evaluate.scores_over_draws(lambda d: sets[d], 0, refs)
+
+
+def test_draw_keys_start_at_the_one_draw_key():
+  import jax
+  assert np.array_equal(evaluate.draw_key(0, 0), jax.random.PRNGKey(0))
+  assert np.array_equal(evaluate.draw_key(3, 2), jax.random.PRNGKey(5))
