@@ -48,6 +48,7 @@ FIELDS = {
   "eval.gamma": st.floats(-0.5, 1.5) | NON_FINITE,
   "eval.which": st.sampled_from(["params", "ema_0.9", "ema_0.999", "power_6.94", "ema_0.5"]),
   "eval.classifier_steps": st.integers(-1, 3),
+  "eval.draws": st.integers(-1, 2),
   "train.final_lr": st.floats(0, 1) | NON_FINITE,
   "train.b2": st.floats(0.5, 0.999) | NON_FINITE,
   "train.ema_power": st.lists(st.floats(-1, 8) | NON_FINITE, max_size=1).map(tuple),
