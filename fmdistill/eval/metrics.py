@@ -37,19 +37,40 @@ def _pdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.sqrt(np.maximum(d2, 0.0))
 
 
-def energy_distance(a, b) -> float:
-  """``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic), >= 0."""
-  a, b = _flat(a), _flat(b)
-  return float(2 * _pdist(a, b).mean() - _pdist(a, a).mean() - _pdist(b, b).mean())
+def energy_self(b) -> float:
+  """``E|Y - Y'|`` of ``b``: the term of ``energy_distance`` that depends on ``b`` alone."""
+  b = _flat(b)
+  return float(_pdist(b, b).mean())
 
 
-def mmd_rbf(a, b, bandwidths=(0.1, 0.3, 1.0, 3.0)) -> float:
-  """Biased MMD^2 with a sum of Gaussian kernels ``exp(-|x - y|^2 / (2 h^2))``."""
+def energy_distance(a, b, self_b: float | None = None) -> float:
+  """``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic), >= 0. ``self_b``: ``energy_self(b)``
+  when already computed (a reference every model is scored against)."""
   a, b = _flat(a), _flat(b)
-  def k(x, y):
-    d2 = _pdist(x, y) ** 2
-    return sum(np.exp(-d2 / (2 * h * h)) for h in bandwidths)
-  return float(k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean())
+  self_b = float(_pdist(b, b).mean()) if self_b is None else self_b
+  return float(2 * _pdist(a, b).mean() - _pdist(a, a).mean() - self_b)
+
+
+_BANDWIDTHS = (0.1, 0.3, 1.0, 3.0)
+
+
+def _kernel_mean(x: np.ndarray, y: np.ndarray, bandwidths) -> float:
+  d2 = _pdist(x, y) ** 2
+  return float(sum(np.exp(-d2 / (2 * h * h)) for h in bandwidths).mean())
+
+
+def mmd_self(b, bandwidths=_BANDWIDTHS) -> float:
+  """``E k(Y, Y')`` of ``b``: the term of ``mmd_rbf`` that depends on ``b`` alone."""
+  b = _flat(b)
+  return _kernel_mean(b, b, bandwidths)
+
+
+def mmd_rbf(a, b, bandwidths=_BANDWIDTHS, self_b: float | None = None) -> float:
+  """Biased MMD^2 with a sum of Gaussian kernels ``exp(-|x - y|^2 / (2 h^2))``. ``self_b``:
+  ``mmd_self(b, bandwidths)`` when already computed."""
+  a, b = _flat(a), _flat(b)
+  self_b = _kernel_mean(b, b, bandwidths) if self_b is None else self_b
+  return float(_kernel_mean(a, a, bandwidths) + self_b - 2 * _kernel_mean(a, b, bandwidths))
 
 
 def gaussian_stats(f) -> tuple[np.ndarray, np.ndarray]:

@@ -78,7 +78,8 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
   fid = _fid(first, source, out_dir)
   refs = evaluate.references(source, n, int(ecfg[name0].get("references", 4)))
   reference = refs[0]
-  floor, floor_span = evaluate.floor(refs, clf, fid)
+  memo = {}  # the references' self-terms and feature statistics, computed once for all runs
+  floor, floor_span = evaluate.floor(refs, clf, fid, memo)
   result = {"noise_floor": floor, "noise_floor_range": floor_span, "references": len(refs),
             "num_samples": int(len(reference)), "runs": {}}
   if clf is not None:
@@ -101,7 +102,8 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
       sample = lambda d, nfe=nfe: evaluate.generate(
           config, net, params, evaluate.draw_key(seed, d), len(reference), nfe,
           guidance=guidance)
-      q, spans[int(nfe)], std, x = evaluate.scores_over_draws(sample, draws, refs, clf, fid)
+      q, spans[int(nfe)], std, x = evaluate.scores_over_draws(sample, draws, refs, clf, fid,
+                                                                 memo)
       q["seconds"] = time.time() - t0
       per_nfe[int(nfe)] = q
       if std:

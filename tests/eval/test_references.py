@@ -83,3 +83,33 @@ def test_draw_keys_start_at_the_one_draw_key():
   import jax
   assert np.array_equal(evaluate.draw_key(0, 0), jax.random.PRNGKey(0))
   assert np.array_equal(evaluate.draw_key(3, 2), jax.random.PRNGKey(5))
+
+
+class _CountingClassifier:
+  """Features = the samples themselves; counts the feature passes."""
+  num_classes = 2
+
+  def __init__(self):
+    self.calls = 0
+
+  def features(self, x):
+    self.calls += 1
+    return np.asarray(x, np.float64).reshape(len(x), -1)
+
+  def predict(self, x):
+    return (np.asarray(x).reshape(len(x), -1)[:, 0] > 0).astype(int)
+
+
+def test_a_memo_computes_the_reference_terms_once_and_changes_no_figure():
+  refs = evaluate.references(_toy(), 300, 2)
+  images = [r.reshape(300, 1, 1, 2) for r in refs]  # 'images': the classifier path
+  x, y = images[0] + 0.3, images[0] - 0.2
+  clf = _CountingClassifier()
+  plain = [evaluate.quality(s, images[1], clf) for s in (x, y)]
+  assert clf.calls == 4  # sample and reference features, each call
+  clf.calls, memo = 0, {}
+  memoed = [evaluate.quality(s, images[1], clf, memo=memo) for s in (x, y)]
+  assert memoed == plain and clf.calls == 3  # the reference's features once
+  assert evaluate.quality(x, images[0], clf, memo=memo) != plain[0]  # keyed by content
+  vec = [evaluate.scores(s, refs, memo={}) for s in (refs[0] + 0.3, refs[1])]
+  assert vec == [evaluate.scores(s, refs) for s in (refs[0] + 0.3, refs[1])]
