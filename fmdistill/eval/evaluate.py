@@ -85,7 +85,8 @@ def _sampler_fn(net, shape, path_name, sigma_d, param_name, num_classes, sampler
 def _memo(memo: dict | None, reference: np.ndarray, name: str, fn: Callable[[], Any]) -> Any:
   """``fn()``, kept in ``memo`` under ``reference``'s content (shape, dtype, SHA-1 of its bytes)
   and ``name``: the terms of a distance that depend on the reference alone are computed once
-  for every model, NFE and draw scored against it."""
+  for every model, NFE and draw scored against it, and a sample set's once for all the
+  references it is scored against."""
   if memo is None:
     return fn()
   ref = np.ascontiguousarray(reference)
@@ -102,16 +103,18 @@ def quality(samples: np.ndarray, reference: np.ndarray, clf=None, fid=None,
   distance on its features and the per-class coverage of its predictions
   (``metrics.class_coverage``); ``fid``: a function ``samples -> Inception FID``
   (``fid.FID``) when Inception weights are given. ``memo``: a dict the caller keeps across
-  calls with the same references (and classifier): their self-terms and feature statistics are
-  computed once (the figures are the same to the last bit)."""
+  calls with the same references (and classifier): the self-terms of each reference and each
+  sample set and the references' feature statistics are computed once (the figures are the
+  same to the last bit)."""
   out = {"sliced_w2": metrics.sliced_w2(samples, reference)}
   if samples.ndim == 2:
+    own = lambda x, name, fn: _memo(memo, x, name, lambda: fn(x))  # noqa: E731
     out["energy"] = metrics.energy_distance(
-        samples, reference, _memo(memo, reference, "energy",
-                                  lambda: metrics.energy_self(reference)))
-    out["mmd"] = metrics.mmd_rbf(
-        samples, reference, self_b=_memo(memo, reference, "mmd",
-                                         lambda: metrics.mmd_self(reference)))
+        samples, reference, own(reference, "energy", metrics.energy_self),
+        own(samples, "energy", metrics.energy_self))
+    out["mmd"] = metrics.mmd_rbf(samples, reference,
+                                 self_b=own(reference, "mmd", metrics.mmd_self),
+                                 self_a=own(samples, "mmd", metrics.mmd_self))
   finite = bool(np.all(np.isfinite(samples)))
   if clf is not None:
     stats = _memo(memo, reference, "fd",

@@ -43,12 +43,14 @@ def energy_self(b) -> float:
   return float(_pdist(b, b).mean())
 
 
-def energy_distance(a, b, self_b: float | None = None) -> float:
-  """``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic), >= 0. ``self_b``: ``energy_self(b)``
-  when already computed (a reference every model is scored against)."""
+def energy_distance(a, b, self_b: float | None = None, self_a: float | None = None) -> float:
+  """``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic), >= 0. ``self_b``/``self_a``:
+  ``energy_self(b)``/``energy_self(a)`` when already computed (a reference every model is
+  scored against; a sample set scored against several references)."""
   a, b = _flat(a), _flat(b)
   self_b = float(_pdist(b, b).mean()) if self_b is None else self_b
-  return float(2 * _pdist(a, b).mean() - _pdist(a, a).mean() - self_b)
+  self_a = float(_pdist(a, a).mean()) if self_a is None else self_a
+  return float(2 * _pdist(a, b).mean() - self_a - self_b)
 
 
 _BANDWIDTHS = (0.1, 0.3, 1.0, 3.0)
@@ -65,12 +67,15 @@ def mmd_self(b, bandwidths=_BANDWIDTHS) -> float:
   return _kernel_mean(b, b, bandwidths)
 
 
-def mmd_rbf(a, b, bandwidths=_BANDWIDTHS, self_b: float | None = None) -> float:
-  """Biased MMD^2 with a sum of Gaussian kernels ``exp(-|x - y|^2 / (2 h^2))``. ``self_b``:
-  ``mmd_self(b, bandwidths)`` when already computed."""
+def mmd_rbf(a, b, bandwidths=_BANDWIDTHS, self_b: float | None = None,
+            self_a: float | None = None) -> float:
+  """Biased MMD^2 with a sum of Gaussian kernels ``exp(-|x - y|^2 / (2 h^2))``.
+  ``self_b``/``self_a``: ``mmd_self(b, bandwidths)``/``mmd_self(a, bandwidths)`` when already
+  computed."""
   a, b = _flat(a), _flat(b)
   self_b = _kernel_mean(b, b, bandwidths) if self_b is None else self_b
-  return float(_kernel_mean(a, a, bandwidths) + self_b - 2 * _kernel_mean(a, b, bandwidths))
+  self_a = _kernel_mean(a, a, bandwidths) if self_a is None else self_a
+  return float(self_a + self_b - 2 * _kernel_mean(a, b, bandwidths))
 
 
 def gaussian_stats(f) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,10 @@ def test_energy_and_mmd():
   # the reference's own term, passed in, gives the same figure to the last bit
   assert metrics.energy_distance(a, c, metrics.energy_self(c)) == metrics.energy_distance(a, c)
   assert metrics.mmd_rbf(a, c, self_b=metrics.mmd_self(c)) == metrics.mmd_rbf(a, c)
+  assert (metrics.energy_distance(a, c, metrics.energy_self(c), metrics.energy_self(a))
+          == metrics.energy_distance(a, c))
+  assert (metrics.mmd_rbf(a, c, self_b=metrics.mmd_self(c), self_a=metrics.mmd_self(a))
+          == metrics.mmd_rbf(a, c))
   assert metrics.energy_distance(a, c, metrics.energy_self(b)) != metrics.energy_distance(a, c)
 
 
