@@ -144,7 +144,8 @@ class Cache:
 def _int_keys(r: dict) -> dict:
   """A cached run's evaluation with its NFE keys back as integers (JSON made them strings)."""
   return dict(r, nfe={int(k): v for k, v in r["nfe"].items()},
-              draw_std={int(k): v for k, v in r.get("draw_std", {}).items()})
+              **{f: {int(k): v for k, v in r.get(f, {}).items()}
+                 for f in ("draw_std", "draw_values")})
 
 
 def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Cache,

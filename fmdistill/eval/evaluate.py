@@ -175,13 +175,12 @@ def scores_over_draws(sample: Callable[[int], np.ndarray], draws: int,
                       refs: list[np.ndarray], clf=None, fid=None,
                       memo: dict | None = None) -> tuple[dict, dict, dict, np.ndarray]:
   """``scores`` of ``draws`` sample sets (``sample(d)``, ``d < draws``) against ``refs``:
-  ``(mean, span, draw_std, first)`` -- per metric the mean over draws of each draw's mean over
-  ``refs``, ``[min, max]`` over every draw and reference, the standard deviation over draws of
-  the per-draw means (``ddof=1``; ``{}`` for one draw), and draw 0's samples (the ones a
-  report plots). The draw moves a figure as much as the reference does: at 2000 samples 16
-  draws of the moons teacher's sliced W2 span 0.033-0.074 (``docs/leaderboard.md``, "The
-  model's own sample draw"). ``memo``: as ``quality``'s (one is made for the draws if
-  ``None``)."""
+  ``(mean, span, per_draw, first)`` -- per metric the mean over draws of each draw's mean over
+  ``refs``, ``[min, max]`` over every draw and reference, the list of the per-draw means
+  (``{}`` for one draw), and draw 0's samples (the ones a report plots). The draw moves a figure
+  as much as the reference does: at 2000 samples 16 draws of the moons teacher's sliced W2
+  span 0.033-0.074 (``docs/leaderboard.md``, "The model's own sample draw"). ``memo``: as
+  ``quality``'s (one is made for the draws if ``None``)."""
   if not (isinstance(draws, int) and draws >= 1):
     raise ValueError(f"draws must be a positive integer, got {draws!r}")
   memo = {} if memo is None else memo
@@ -194,9 +193,13 @@ def scores_over_draws(sample: Callable[[int], np.ndarray], draws: int,
     spans.append(s)
   mean = {k: float(np.mean([m[k] for m in means])) for k in means[0]}
   span = {k: [min(s[k][0] for s in spans), max(s[k][1] for s in spans)] for k in spans[0]}
-  std = ({k: float(np.std([m[k] for m in means], ddof=1)) for k in means[0]}
-         if draws > 1 else {})
-  return mean, span, std, first
+  per_draw = {k: [m[k] for m in means] for k in means[0]} if draws > 1 else {}
+  return mean, span, per_draw, first
+
+
+def draw_std(per_draw: dict) -> dict:
+  """The standard deviation over draws (``ddof=1``) of each metric's per-draw figures."""
+  return {k: float(np.std(v, ddof=1)) for k, v in per_draw.items()}
 
 
 def floor(refs: list[np.ndarray], clf=None, fid=None,

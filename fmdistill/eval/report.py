@@ -62,8 +62,9 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
   its ``[min, max]`` in ``noise_floor_range``. All runs are scored against the same samples.
   With ``eval.draws = K > 1`` each model's figure is also the mean over K sample draws (keys
   ``evaluate.draw_key(seed, d)``; draw 0 is the one-draw figure's and the one plotted), the
-  range spans every draw and reference, and ``runs[name]['draw_std'][nfe]`` holds the standard
-  deviation over draws.
+  range spans every draw and reference, ``runs[name]['draw_std'][nfe]`` holds the standard
+  deviation over draws and ``runs[name]['draw_values'][nfe]`` each draw's figures (draw ``d``
+  of every run starts from the same noise).
   """
   stored = {name: runs_lib.read_config(wd) for name, wd in runs.items()}  # before any write
   ecfg = {name: (evals or {}).get(name) or stored[name].eval for name in runs}
@@ -95,19 +96,19 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
             f"{run.describe()}", file=sys.stderr)
     sampler = objectives.entry(config.method).sampler
     nfes = config.eval.teacher_nfe if sampler == "ode" else config.eval.student_nfe
-    per_nfe, spans, stds, panels = {}, {}, {}, {}
+    per_nfe, spans, stds, values, panels = {}, {}, {}, {}, {}
     draws = int(config.eval.get("draws", 1))
     for nfe in nfes:
       t0 = time.time()
       sample = lambda d, nfe=nfe: evaluate.generate(
           config, net, params, evaluate.draw_key(seed, d), len(reference), nfe,
           guidance=guidance)
-      q, spans[int(nfe)], std, x = evaluate.scores_over_draws(sample, draws, refs, clf, fid,
-                                                                 memo)
+      q, spans[int(nfe)], per_draw, x = evaluate.scores_over_draws(sample, draws, refs, clf,
+                                                                      fid, memo)
       q["seconds"] = time.time() - t0
       per_nfe[int(nfe)] = q
-      if std:
-        stds[int(nfe)] = std
+      if per_draw:
+        stds[int(nfe)], values[int(nfe)] = evaluate.draw_std(per_draw), per_draw
       panels[f"{name} {nfe} NFE"] = x
     plots.samples_figure(panels, os.path.join(out_dir, f"samples_{name}.png"),
                          reference=reference,
@@ -117,7 +118,7 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
                             "which": run.which, "nfe": per_nfe, "range": spans,
                             "draws": draws}
     if stds:
-      result["runs"][name]["draw_std"] = stds
+      result["runs"][name].update(draw_std=stds, draw_values=values)
     if sampler == "ode":  # ReFlow rounds, teachers: how straight the learned flow is
       result["runs"][name]["straightness"] = ode_straightness(config, net, params, seed,
                                                               len(reference))

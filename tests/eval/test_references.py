@@ -66,11 +66,13 @@ def test_draws_average_whole_sample_sets_and_report_their_spread():
   rng = np.random.default_rng(1)
   sets = [refs[0] + 0.2 + 0.1 * rng.standard_normal(refs[0].shape).astype(np.float32)
           for _ in range(4)]
-  mean, span, std, first = evaluate.scores_over_draws(lambda d: sets[d], 4, refs)
+  mean, span, per_draw, first = evaluate.scores_over_draws(lambda d: sets[d], 4, refs)
+  std = evaluate.draw_std(per_draw)
   per = [[metrics.sliced_w2(s, r) for r in refs] for s in sets]
   draw_means = [np.mean(p) for p in per]
   assert mean["sliced_w2"] == pytest.approx(np.mean(draw_means))
   assert span["sliced_w2"] == pytest.approx([np.min(per), np.max(per)])
+  assert per_draw["sliced_w2"] == pytest.approx(draw_means)
   assert std["sliced_w2"] == pytest.approx(np.std(draw_means, ddof=1))
   assert std["sliced_w2"] > 0 and first is sets[0]
   one = evaluate.scores_over_draws(lambda d: sets[d], 1, refs)

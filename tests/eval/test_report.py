@@ -49,6 +49,7 @@ def test_a_k_draw_figure_is_the_mean_of_k_one_draw_figures(tmp_path):
     each = [o["nfe"][nfe]["sliced_w2"] for o in one]
     assert r["nfe"][nfe]["sliced_w2"] == pytest.approx(np.mean(each), rel=1e-5)
     assert r["draw_std"][nfe]["sliced_w2"] == pytest.approx(np.std(each, ddof=1), rel=1e-4)
+    assert r["draw_values"][nfe]["sliced_w2"] == pytest.approx(each, rel=1e-5)
     assert r["range"][nfe]["sliced_w2"][0] <= min(each)
   md = report.markdown(json.loads(json.dumps(res)), "t")
   assert "mean over 3 sample draws" in md and " ± " in md
