@@ -9,8 +9,10 @@ size ``n`` (``source.reference(n, k)``, k = 0..refs-1); sliced W2 between every 
 (the data-vs-data floor: mean, min, max) and between ``n`` samples of the teacher (``--nfe``,
 ``--solver``, sampling key 0: the draw a report scores) and each of them; the teacher's mean as
 a multiple of the floor's mean. With ``--draws K`` also the same figure (mean over the
-references) for K sample draws of the teacher (keys 0..K-1): mean ± std, min–max, and that mean
-over the floor. The reports average over the references (``eval.references``) but score one
+references) for K sample draws of the teacher (``evaluate.draw_key(0, d)``, d < K, the keys a
+report with ``eval.draws = K`` uses): mean ± std (``ddof = 1``, as the reports' ``draw_std``),
+min–max, and that mean over the floor. Only sliced W2 is computed (the reports' energy and MMD
+are quadratic in ``n``). The reports average over the references (``eval.references``) but score one
 sample draw of each model, so this says how much each of the two draws can move a figure.
 """
 from __future__ import annotations
@@ -41,15 +43,16 @@ def rows(wd: str, sizes: list[int], refs: int, nfe: int, solver: str = "euler",
   for n in sizes:
     ref = evaluate.references(source, n, refs)
     dd = [metrics.sliced_w2(a, b) for a, b in itertools.combinations(ref, 2)]
-    x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), n, nfe)
+    x = evaluate.generate(cfg, net, params, evaluate.draw_key(0, 0), n, nfe)
     tm = [metrics.sliced_w2(x, r) for r in ref]
     line = (f"| {cfg.data.toy} | {n} | {np.mean(dd):.4f} ({min(dd):.4f}-{max(dd):.4f}) | "
             f"{np.mean(tm):.4f} ({min(tm):.4f}-{max(tm):.4f}) | {np.mean(tm) / np.mean(dd):.2f} |")
     if draws > 1:
       per = [np.mean(tm)] + [
-          evaluate.mean_sliced_w2(evaluate.generate(cfg, net, params, jax.random.PRNGKey(k), n,
-                                                    nfe), ref) for k in range(1, draws)]
-      line += (f" {np.mean(per):.4f} ± {np.std(per):.4f} ({min(per):.4f}-{max(per):.4f}) | "
+          evaluate.mean_sliced_w2(evaluate.generate(cfg, net, params, evaluate.draw_key(0, d), n,
+                                                    nfe), ref) for d in range(1, draws)]
+      std = evaluate.draw_std({"sliced_w2": per})["sliced_w2"]
+      line += (f" {np.mean(per):.4f} ± {std:.4f} ({min(per):.4f}-{max(per):.4f}) | "
                f"{np.mean(per) / np.mean(dd):.2f} |")
     out.append(line)
   return out
