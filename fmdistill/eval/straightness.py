@@ -33,7 +33,9 @@ def trajectory(v: Callable[[Array, Array], Array], x_T: Array, grid: Array,
     return sampling.solve_ode(v, x, jnp.stack([t, s]), solver), x
   x_end, states = jax.lax.scan(body, x_T, (grid[:-1], grid[1:]))
   states = jnp.concatenate([states, x_end[None]])
-  vel = jax.vmap(lambda x, t: v(x, full(t)))(states, grid)
+  # one grid time at a time: a vmap over all K + 1 of them holds (K + 1) x B network activations
+  # at once (55 GB for 1000 32x32 RGB samples through the scenes DiT at K = 64)
+  vel = jax.lax.map(lambda xt: v(xt[0], full(xt[1])), (states, grid))
   return states, vel
 
 
