@@ -7,13 +7,14 @@ several held-out references, at several sample sizes.
 For each toy (the teacher run's data config, source seed 0): ``--refs`` held-out samples of
 size ``n`` (``source.reference(n, k)``, k = 0..refs-1); sliced W2 between every pair of them
 (the data-vs-data floor: mean, min, max) and between ``n`` samples of the teacher (``--nfe``,
-``--solver``, sampling key 0: the draw a report scores) and each of them; the teacher's mean as
-a multiple of the floor's mean. With ``--draws K`` also the same figure (mean over the
+``--solver``, sampling key 0: the draw a one-draw report scores) and each of them; the teacher's
+mean as a multiple of the floor's mean. With ``--draws K`` also the same figure (mean over the
 references) for K sample draws of the teacher (``evaluate.draw_key(0, d)``, d < K, the keys a
 report with ``eval.draws = K`` uses): mean ± std (``ddof = 1``, as the reports' ``draw_std``),
 min–max, and that mean over the floor. Only sliced W2 is computed (the reports' energy and MMD
-are quadratic in ``n``). The reports average over the references (``eval.references``) but score one
-sample draw of each model, so this says how much each of the two draws can move a figure.
+are quadratic in ``n``). The reports average over the references (``eval.references``) and, by
+default (``eval.draws = 1``), score one sample draw of each model, so this says how much each of
+the two draws can move a figure.
 """
 from __future__ import annotations
 
