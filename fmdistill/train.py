@@ -134,7 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> tuple[Any, TrainState]:
   """Train ``config`` in ``workdir``, resuming from its latest good checkpoint if any.
 
-  ``eval_fn(net, state) -> dict`` runs every ``train.eval_every`` steps (0 = never; default:
+  ``eval_fn(net, state) -> dict`` (``net``: the network the sampler evaluates,
+  ``objectives.sampling_network``) runs every ``train.eval_every`` steps (0 = never; default:
   ``evaluate.periodic_eval_fn``, sliced W2 to held-out data); its figures are logged with an
   ``eval/`` prefix; an array of samples among them (``ndim >= 2``) is drawn as a TensorBoard
   image instead. ``stop_after`` ends this process after that many
@@ -172,6 +173,8 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
   tb = tblog.TBLog(os.path.join(workdir, tblog.DIR)
                    if proc == 0 and t.get("tensorboard", True) else None, start)
   step_fn = step_lib.make_train_step(config, net, teacher, (mesh, state_sh, teacher_sh))
+  eval_net = objectives.sampling_network(  # what the sampler evaluates (second-order FMM)
+      config, net, lambda: teacher_lib.bind(teacher, teacher.params, config))
   end = t.steps if stop_after is None else min(t.steps, start + stop_after)
   bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
              disable=not progress or proc != 0, dynamic_ncols=True)
@@ -184,7 +187,8 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
       state, metrics = step_fn(state, batch, tparams)
       done = step + 1
       if done % t.log_every == 0 or done == t.steps:
-        _log((log, tb), metrics, done, eval_fn, net, state, t, bar, progress, config.method)
+        _log((log, tb), metrics, done, eval_fn, eval_net, state, t, bar, progress,
+             config.method)
       if int(state.consecutive_skips) >= t.max_consecutive_skips > 0:
         _stop_non_finite(mngr, save, done, state, workdir)
       if preempt.requested():

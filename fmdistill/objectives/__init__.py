@@ -109,6 +109,10 @@ class Objective:
   * ``consistency``: the map is trained to ``s = 0`` only, so multistep sampling denoises to 0
     and re-noises (``eval_gamma = 1``: consistency multistep); otherwise flow-map jumps
     (``eval_gamma = 0``).
+  * ``sampling_net(net, teacher, cfg) -> net``: the network the sampler evaluates when the
+    trained network alone is not the flow map (second-order flow-map matching: ``G = v +
+    (s - t) NN`` with the frozen teacher's velocity ``v``); ``teacher()`` returns the bound
+    teacher and is called only when the map needs it; ``None``: the trained network itself.
   * ``check(config)``: the method's own config checks, run by ``config.validate`` before
     anything is written (raise ``fmdistill.errors.ConfigError`` naming the field), or ``None``.
   """
@@ -123,6 +127,7 @@ class Objective:
   tangent: bool = False
   consistency: bool = False
   check: Callable[[ml_collections.ConfigDict], None] | None = None
+  sampling_net: Callable[[Any, Callable[[], Any], ml_collections.ConfigDict], Any] | None = None
   doc: str = ""
 
   @property
@@ -184,6 +189,15 @@ def entry(name: str) -> Objective:
 def get(name: str) -> Loss:
   """The loss function registered as ``name``."""
   return entry(name).loss
+
+
+def sampling_network(config: ml_collections.ConfigDict, net: Any,
+                     teacher: Callable[[], Any]) -> Any:
+  """The network the sampler evaluates for a run of ``config`` (``Objective.sampling_net``):
+  ``net`` itself for every method whose trained network is its flow map. ``teacher()`` returns
+  the run's bound frozen teacher ``teacher(x, t, s, cond)``; it is called only if needed."""
+  e = entry(config.method)
+  return net if e.sampling_net is None else e.sampling_net(net, teacher, config.objective)
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:

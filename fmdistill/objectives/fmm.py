@@ -27,7 +27,9 @@ self-distillation (``*_self``, no teacher) uses the student's own instantaneous 
 ``v^ = sg(NN_theta(x, t, t))`` and adds the flow-matching loss ``||NN(x_t, t, t) - v(x_t|x_0)||^2``
 on the diagonal. Limits: the second-order form needs a teacher and the forward loss (its
 backward residual would need the teacher's own time derivative, which the train loop's
-stop-gradient teacher does not expose).
+stop-gradient teacher does not expose). A second-order run samples through ``sampling_net``
+(the registry's ``sampling_net`` trait): ``runs.load_run`` and the train loop's evaluation bind
+the run's own teacher (at the step it trained with), so a jump costs two network calls.
 """
 from __future__ import annotations
 
@@ -66,6 +68,13 @@ def displacement_net(net, teacher, order: int):
       raise ValueError("order=2 (x + (s-t) v + (s-t)^2 NN) needs a teacher velocity")
     return flowmap.second_order(net, lambda x, t, cond: teacher(x, t, t, cond))
   raise ValueError(f"order must be 1 or 2, got {order}")
+
+
+def sampling_net(net, teacher, cfg):
+  """The flow map's displacement network for sampling: ``net`` for ``order = 1``; for
+  ``order = 2`` ``G = v + (s - t) NN`` with the bound teacher ``teacher()`` (its velocity
+  ``teacher(x, t, t, cond)``: each jump costs one teacher and one student evaluation)."""
+  return displacement_net(net, teacher() if cfg.order == 2 else None, cfg.order)
 
 
 def backward_target(G, params, ema_params, x_t, t, s, v, cond=None, *, fused=True,
@@ -143,4 +152,5 @@ for _name, _fn, _self in (("fmm_forward", fmm_forward_loss, False),
                           ("fmm_backward_self", fmm_backward_self_loss, True)):
   objectives.register(objectives.Objective(
       name=_name, loss=_fn, defaults=self_defaults if _self else defaults,
-      needs_teacher=not _self, tangent=True, doc=_fn.__doc__))
+      needs_teacher=not _self, tangent=True, sampling_net=None if _self else sampling_net,
+      doc=_fn.__doc__))

@@ -1,0 +1,99 @@
+"""Second-order flow-map matching is sampled as ``f = x + (s - t) (v + (s - t) NN)`` (seed
+``004_*`` "Boundary conditions"), with the run's own frozen teacher velocity ``v``, everywhere a
+run is read back (``runs.load_run``: the report, ``--mode=sample``, the benchmarks) and in the
+train loop's evaluation -- not as the first-order ``x + (s - t) NN`` of the raw network."""
+import json
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmdistill import data, runs, train
+from fmdistill.eval import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import toy2d  # noqa: E402
+
+
+def _small(c, steps):
+  c.model.width, c.model.depth, c.train.batch_size = 16, 1, 32
+  c.train.steps, c.train.log_every, c.train.warmup_steps = steps, steps, 0
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs_pair(tmp_path_factory):
+  """A 20-step flow-matching teacher and a 3-step second-order ``fmm_forward`` student of it
+  (teacher-initialised), the student's loop evaluating at its last step."""
+  root = tmp_path_factory.mktemp("fmm2")
+  teacher = str(root / "fm")
+  train.train_and_evaluate(_small(toy2d.get_config("flow_matching"), 20), teacher,
+                           progress=False)
+  c = _small(toy2d.get_config("fmm_forward"), 3)
+  c.objective.order = 2
+  c.teacher.workdir = teacher
+  c.train.eval_every = 3
+  student = str(root / "fmm2")
+  train.train_and_evaluate(c, student, progress=False)
+  return teacher, student
+
+
+def _teacher_velocity(teacher_wd, which, x, t):
+  tr = runs.load_run(teacher_wd, which)  # the weights the student distils
+  # a flow-matching teacher's network is its velocity at s = t (displacement, linear path)
+  assert tr.config.objective.param == "displacement" and tr.config.objective.path == "linear"
+  return tr.net(tr.params, x, t, t)
+
+
+def test_load_run_samples_the_second_order_map_with_the_runs_teacher(runs_pair):
+  teacher_wd, student_wd = runs_pair
+  run = runs.load_run(student_wd)
+  raw = runs.network(run.config)
+  x = jax.random.normal(jax.random.PRNGKey(1), (64, 2))
+  t = jax.random.uniform(jax.random.PRNGKey(2), (64,), minval=0.2, maxval=1.0)
+  s = t * jax.random.uniform(jax.random.PRNGKey(3), (64,))
+  v = _teacher_velocity(teacher_wd, run.config.teacher.which, x, t)
+  expected = v + (s - t)[:, None] * raw(run.params, x, t, s)
+  np.testing.assert_allclose(run.net(run.params, x, t, s), expected, rtol=1e-5, atol=1e-5)
+  # the raw network alone is a different map (the first-order reading the report used to make)
+  assert float(jnp.max(jnp.abs(raw(run.params, x, t, s) - expected))) > 1e-2
+
+
+def test_a_zero_correction_samples_exactly_the_teachers_euler_step(runs_pair):
+  """With ``NN = 0`` the map is ``x + (s - t) v(x, t)``: one jump from noise is the teacher's
+  one Euler step from the same noise (same key), so the report's samples go through ``v``."""
+  teacher_wd, student_wd = runs_pair
+  run = runs.load_run(student_wd)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, run.params)
+  raw = runs.network(run.config)
+  x = jnp.ones((3, 2))
+  assert float(jnp.max(jnp.abs(raw(zeros, x, jnp.ones(3), jnp.zeros(3))))) == 0.0
+  key = jax.random.PRNGKey(7)
+  got = evaluate.generate(run.config, run.net, zeros, key, 256, 1)
+  tr = runs.load_run(teacher_wd, run.config.teacher.which)
+  euler = evaluate.generate(tr.config, tr.net, tr.params, key, 256, 1, sampler="ode")
+  assert tr.config.eval.solver == "euler"
+  np.testing.assert_allclose(got, euler, rtol=1e-5, atol=1e-5)
+  # the teacher's step moves the noise: a map ignoring v would return the noise itself
+  noise = evaluate.generate(run.config, runs.network(run.config), zeros, key, 256, 1)
+  assert float(np.max(np.abs(got - noise))) > 0.1
+
+
+def test_the_train_loops_evaluation_uses_the_second_order_map(runs_pair):
+  """The loop's logged ``eval/sliced_w2_nfe1`` at the last step is the figure of the
+  second-order map for the same weights, not the raw network's."""
+  _, student_wd = runs_pair
+  with open(os.path.join(student_wd, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  logged = [r["eval/sliced_w2_nfe1"] for r in rows if "eval/sliced_w2_nfe1" in r][-1]
+  run = runs.load_run(student_wd, runs.read_config(student_wd).eval.which)
+  fn = evaluate.periodic_eval_fn(run.config, data.make_source(run.config.data, run.config.seed))
+  state = types.SimpleNamespace(ema={}, params=run.params)  # run.params: the evaluated weights
+  assert fn(run.net, state)["sliced_w2_nfe1"] == pytest.approx(logged, rel=1e-4)
+  raw = fn(runs.network(run.config), state)["sliced_w2_nfe1"]
+  assert abs(raw - logged) > 0.05 * logged
