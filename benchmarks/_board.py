@@ -195,7 +195,7 @@ def sample_time(workdir: str, nfe: int, reps: int, which: str | None = None) -> 
   """Sampling ``eval.num_samples`` from the run in ``workdir`` at ``nfe``: compile seconds
   (lowering + XLA, apart) and the median wall seconds of ``reps`` warm compiled calls."""
   config = runs_lib.read_config(workdir)
-  run = runs_lib.load_run(workdir, which or config.eval.which)
+  run = teacher_lib.load_sampling_run(workdir, which or config.eval.which)
   fn = evaluate.sampler_fn(run.config, run.net, int(config.eval.num_samples), nfe)
   key = jax.random.PRNGKey(0)
   jax.clear_caches()  # the evaluation compiled this sampler already: compile afresh

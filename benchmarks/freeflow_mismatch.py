@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-from fmdistill import data, runs, train  # noqa: E402
+from fmdistill import data, runs, teacher as teacher_lib, train  # noqa: E402
 from fmdistill.eval import evaluate, metrics  # noqa: E402
 import toy2d  # noqa: E402
 from _common import machine  # noqa: E402  (benchmarks/_common.py)
@@ -51,7 +51,8 @@ def _run(config, workdir: str) -> str:
 
 
 def _samples(workdir: str, key, n: int, nfe: int, which: str = "") -> np.ndarray:
-  config, net, params = runs.load_params(workdir, which or runs.read_config(workdir).eval.which)
+  r = teacher_lib.load_sampling_run(workdir, which or runs.read_config(workdir).eval.which)
+  config, net, params = r.config, r.net, r.params
   return evaluate.generate(config, net, params, key, n, nfe)
 
 

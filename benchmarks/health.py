@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-from fmdistill import data, objectives, runs as runs_lib, train  # noqa: E402
+from fmdistill import data, objectives, runs as runs_lib, teacher as teacher_lib  # noqa: E402
+from fmdistill import train  # noqa: E402
 from fmdistill.eval import evaluate  # noqa: E402
 import digits  # noqa: E402
 import toy2d  # noqa: E402
@@ -80,7 +81,8 @@ def references(cfg) -> list:
 
 def _teacher_w2(wd: str, refs: list, cache: dict) -> float:
   if wd not in cache:
-    cfg, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
+    r = teacher_lib.load_sampling_run(wd, runs_lib.read_config(wd).eval.which)
+    cfg, net, params = r.config, r.net, r.params
     x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), N, 64)
     cache[wd] = evaluate.mean_sliced_w2(x, refs)
   return cache[wd]
@@ -91,7 +93,8 @@ def summary(wd: str, teachers: dict, cache: dict) -> str:
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl")) if l.strip()]
   h = lambda k: [r[k] for r in rows if k in r and np.isfinite(r[k])]
   refs = references(cfg)
-  _, net, params = runs_lib.load_params(wd, cfg.eval.which)
+  r = teacher_lib.load_sampling_run(wd, cfg.eval.which)
+  net, params = r.net, r.params
   q = {}
   for nfe in (1, 2):
     x = evaluate.generate(cfg, net, params, jax.random.PRNGKey(0), N, nfe)

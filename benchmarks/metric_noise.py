@@ -30,13 +30,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fmdistill import data, runs as runs_lib  # noqa: E402
+from fmdistill import data, runs as runs_lib, teacher as teacher_lib  # noqa: E402
 from fmdistill.eval import evaluate, metrics  # noqa: E402
 
 
 def rows(wd: str, sizes: list[int], refs: int, nfe: int, solver: str = "euler",
          draws: int = 1) -> list[str]:
-  cfg, net, params = runs_lib.load_params(wd, runs_lib.read_config(wd).eval.which)
+  r = teacher_lib.load_sampling_run(wd, runs_lib.read_config(wd).eval.which)
+  cfg, net, params = r.config, r.net, r.params
   with cfg.unlocked():
     cfg.eval.solver = solver
   source = data.make_source(cfg.data, 0)

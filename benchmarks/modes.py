@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-from fmdistill import data, objectives, runs as runs_lib, train  # noqa: E402
+from fmdistill import data, objectives, runs as runs_lib, teacher as teacher_lib  # noqa: E402
+from fmdistill import train  # noqa: E402
 from fmdistill.eval import evaluate, metrics  # noqa: E402
 import toy2d  # noqa: E402
 
@@ -65,7 +66,8 @@ def main() -> None:
   source = data.make_source(tconfig.data, tconfig.seed)
   ref = source.reference(args.num, 0)
   rows = [("data (held out)", "-", ref)]
-  cfg, net, params = runs_lib.load_params(args.teacher, tconfig.eval.which)
+  r = teacher_lib.load_sampling_run(args.teacher, tconfig.eval.which)
+  cfg, net, params = r.config, r.net, r.params
   key = jax.random.PRNGKey(args.seed)
   rows.append(("teacher (Euler)", 64, evaluate.generate(cfg, net, params, key, args.num, 64)))
   for m in args.methods.split(","):
@@ -79,7 +81,8 @@ def main() -> None:
       print(f"(no finished run for {m} in {wd})")
       continue
     which = args.which or runs_lib.read_config(wd).eval.which
-    cfg, net, params = runs_lib.load_params(wd, which)
+    r = teacher_lib.load_sampling_run(wd, which)
+    cfg, net, params = r.config, r.net, r.params
     rows.append((f"{m} ({which})", 1, evaluate.generate(cfg, net, params, key, args.num, 1)))
   other = source.reference(args.num, 1)
   print(f"Eight Gaussians (radius {RADIUS}, std {STD}), {args.num} samples per row; sampling "

@@ -47,7 +47,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fmdistill import config as config_lib, objectives, parallel, runs as runs_lib  # noqa: E402
-from fmdistill import tblog, train, workdir as workdir_lib  # noqa: E402
+from fmdistill import tblog, teacher as teacher_lib, train, workdir as workdir_lib  # noqa: E402
 from fmdistill.errors import ConfigError, Preempted, one_line  # noqa: E402
 from fmdistill.eval import evaluate as evaluate_lib, plots, report  # noqa: E402
 
@@ -185,7 +185,7 @@ def _sample(runs: dict, workdir: str, nfes: list[int], evals: dict, guidance: fl
   evaluation does."""
   name, wd = list(runs.items())[-1]
   ecfg = evals[name]
-  r = runs_lib.load_run(wd, ecfg.which, step=step)
+  r = teacher_lib.load_sampling_run(wd, ecfg.which, step=step)
   config = r.config
   with config.unlocked():
     config.eval = ecfg

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from fmdistill import checkpoint, objectives, parallel, state as state_lib
-from fmdistill.errors import CheckpointError, TeacherError
+from fmdistill.errors import CheckpointError
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -142,23 +142,9 @@ def load_params(workdir: str, which: str = "params", part: str | None = None
   return r.config, r.net, r.params
 
 
-def _bound_teacher(workdir: str, config: ml_collections.ConfigDict):
-  """The frozen teacher ``teacher(x, t, s, cond)`` a run in ``workdir`` trained with (at the
-  checkpoint step it recorded), for methods that also sample through it."""
-  from fmdistill import teacher as teacher_lib  # it reads runs through this module
-  t = teacher_lib.load(config, workdir)
-  if t is None:
-    raise TeacherError(f"run {workdir!r} ({config.method}) samples through its teacher, but "
-                       "its config.teacher.workdir is empty")
-  return teacher_lib.bind(t, t.params, config)
-
-
 def load_run(workdir: str, which: str = "params", part: str | None = None,
              step: int | None = None) -> Run:
   """A run's network and parameters at its newest good checkpoint (or ``step``).
-
-  ``net`` is the network the sampler evaluates (``objectives.sampling_network``): for a
-  second-order flow-map-matching run it includes the run's frozen teacher.
 
   ``which`` is ``'params'`` (the raw weights) or an EMA name such as ``'ema_0.999'``.
   ``part`` names one of the run's trainable parts (e.g. ``'critic'``) instead of the student:
@@ -181,8 +167,7 @@ def load_run(workdir: str, which: str = "params", part: str | None = None,
       return make(net, parts[part]["ema"])
     raise ValueError(f"part {part!r} of run {workdir!r} has no {which!r} weights; use "
                      "'params'" + (" or 'ema'" if parts[part].get("ema") is not None else ""))
-  net = objectives.sampling_network(config, network(config),
-                                    lambda: _bound_teacher(workdir, config))
+  net = network(config)
   params = stored["params"]
   if isinstance(params, dict) and "loss_weight" in params:  # checkpoints before parts existed
     params = {k: v for k, v in params.items() if k != "loss_weight"}

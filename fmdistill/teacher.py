@@ -10,6 +10,7 @@ weights differ. The teacher-pair cache is keyed by that identity too.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,6 +101,8 @@ def load(config: ml_collections.ConfigDict, student_workdir: str | None = None
           f"the teacher in {tc.workdir!r} is not the one this student started from "
           f"({'; '.join(diff)}); restore that teacher run, or start the student in a new "
           "--workdir")
+  if kind != "velocity":  # a flow-map teacher is used as the map it samples
+    run = sampling_run(run)
   tconfig, net, params = run.config, run.net, run.params
   o = tconfig.objective
   if tuple(tconfig.data_shape) != tuple(config.data_shape):
@@ -167,6 +170,27 @@ def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
       teacher.net, params, teacher.param, teacher.path, paths.get_path(o.path, o.sigma_d),
       guidance=config.teacher.guidance, null_label=o.num_classes or None,
       interval=tuple(config.teacher.get("guidance_interval", ())))
+
+
+def sampling_run(run: runs.Run) -> runs.Run:
+  """``run`` with the network the sampler evaluates (``objectives.sampling_network``): the
+  trained network itself for every method but those that also sample through their teacher
+  (second-order flow-map matching, ``v + (s - t) NN``), for which the run's own frozen teacher
+  is loaded (at the checkpoint step it recorded) and bound."""
+  def bound():
+    t = load(run.config, run.workdir)
+    if t is None:
+      raise TeacherError(f"run {run.workdir!r} ({run.config.method}) samples through its "
+                         "teacher, but its config.teacher.workdir is empty")
+    return bind(t, t.params, run.config)
+  return dataclasses.replace(run, net=objectives.sampling_network(run.config, run.net, bound))
+
+
+def load_sampling_run(workdir: str, which: str = "params", step: int | None = None
+                      ) -> runs.Run:
+  """``runs.load_run`` of the student, ready to sample (``sampling_run``): what the report,
+  ``--mode=sample`` and the benchmarks read."""
+  return sampling_run(runs.load_run(workdir, which, step=step))
 
 
 def velocity_fn(teacher: Teacher, config) -> Callable:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from fmdistill import data, flowmap, objectives, paths, runs as runs_lib, tblog
+from fmdistill import teacher as teacher_lib
 from fmdistill.eval import classifier, evaluate, fid as fid_lib, plots, straightness
 
 
@@ -87,7 +88,7 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
     result["classifier_accuracy"] = clf.accuracy
   curves = {}
   for name, wd in runs.items():
-    run = runs_lib.load_run(wd, ecfg[name].which)
+    run = teacher_lib.load_sampling_run(wd, ecfg[name].which)
     config, net, params = run.config, run.net, run.params
     with config.unlocked():
       config.eval = ecfg[name]

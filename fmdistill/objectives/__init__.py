@@ -197,7 +197,24 @@ def sampling_network(config: ml_collections.ConfigDict, net: Any,
   ``net`` itself for every method whose trained network is its flow map. ``teacher()`` returns
   the run's bound frozen teacher ``teacher(x, t, s, cond)``; it is called only if needed."""
   e = entry(config.method)
-  return net if e.sampling_net is None else e.sampling_net(net, teacher, config.objective)
+  if e.sampling_net is None:
+    return net
+  out = e.sampling_net(net, teacher, config.objective)
+  if out is not net:
+    out.with_teacher = True  # what ``samples_with_teacher`` runs must be sampled with
+  return out
+
+
+def samples_with_teacher(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run of ``config`` samples through its teacher (its ``sampling_net`` asks for
+  it), so that its raw network alone is not its flow map."""
+  e = entry(config.method)
+  if e.sampling_net is None:
+    return False
+  asked = []
+  e.sampling_net(lambda *a: None, lambda: asked.append(1) or (lambda *a: None),
+                 config.objective)
+  return bool(asked)
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:

@@ -28,8 +28,9 @@ self-distillation (``*_self``, no teacher) uses the student's own instantaneous 
 on the diagonal. Limits: the second-order form needs a teacher and the forward loss (its
 backward residual would need the teacher's own time derivative, which the train loop's
 stop-gradient teacher does not expose). A second-order run samples through ``sampling_net``
-(the registry's ``sampling_net`` trait): ``runs.load_run`` and the train loop's evaluation bind
-the run's own teacher (at the step it trained with), so a jump costs two network calls.
+(the registry's ``sampling_net`` trait): ``teacher.sampling_run`` and the train loop's
+evaluation bind the run's own teacher (at the step it trained with), so a jump costs two network
+calls; the sampler refuses the raw network of such a run.
 """
 from __future__ import annotations
 

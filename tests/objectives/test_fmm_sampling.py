@@ -1,7 +1,8 @@
 """Second-order flow-map matching is sampled as ``f = x + (s - t) (v + (s - t) NN)`` (seed
 ``004_*`` "Boundary conditions"), with the run's own frozen teacher velocity ``v``, everywhere a
-run is read back (``runs.load_run``: the report, ``--mode=sample``, the benchmarks) and in the
-train loop's evaluation -- not as the first-order ``x + (s - t) NN`` of the raw network."""
+run is read back to sample (``teacher.load_sampling_run``: the report, ``--mode=sample``, the
+benchmarks) and in the train loop's evaluation -- not as the first-order ``x + (s - t) NN`` of
+the raw network, which the sampler now refuses for such a run."""
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmdistill import data, runs, train
+from fmdistill import data, runs, teacher, train
 from fmdistill.eval import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,9 +51,9 @@ def _teacher_velocity(teacher_wd, which, x, t):
   return tr.net(tr.params, x, t, t)
 
 
-def test_load_run_samples_the_second_order_map_with_the_runs_teacher(runs_pair):
+def test_the_sampling_run_is_the_second_order_map_with_the_runs_teacher(runs_pair):
   teacher_wd, student_wd = runs_pair
-  run = runs.load_run(student_wd)
+  run = teacher.load_sampling_run(student_wd)
   raw = runs.network(run.config)
   x = jax.random.normal(jax.random.PRNGKey(1), (64, 2))
   t = jax.random.uniform(jax.random.PRNGKey(2), (64,), minval=0.2, maxval=1.0)
@@ -68,7 +69,7 @@ def test_a_zero_correction_samples_exactly_the_teachers_euler_step(runs_pair):
   """With ``NN = 0`` the map is ``x + (s - t) v(x, t)``: one jump from noise is the teacher's
   one Euler step from the same noise (same key), so the report's samples go through ``v``."""
   teacher_wd, student_wd = runs_pair
-  run = runs.load_run(student_wd)
+  run = teacher.load_sampling_run(student_wd)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, run.params)
   raw = runs.network(run.config)
   x = jnp.ones((3, 2))
@@ -80,8 +81,17 @@ def test_a_zero_correction_samples_exactly_the_teachers_euler_step(runs_pair):
   assert tr.config.eval.solver == "euler"
   np.testing.assert_allclose(got, euler, rtol=1e-5, atol=1e-5)
   # the teacher's step moves the noise: a map ignoring v would return the noise itself
-  noise = evaluate.generate(run.config, runs.network(run.config), zeros, key, 256, 1)
+  first = run.config.copy_and_resolve_references()
+  first.objective.order = 1  # the raw network read as a first-order map
+  noise = evaluate.generate(first, runs.network(run.config), zeros, key, 256, 1)
   assert float(np.max(np.abs(got - noise))) > 0.1
+
+
+def test_sampling_the_raw_network_of_such_a_run_is_refused(runs_pair):
+  _, student_wd = runs_pair
+  raw = runs.load_run(student_wd)  # the trained network alone
+  with pytest.raises(ValueError, match="samples through its teacher"):
+    evaluate.generate(raw.config, raw.net, raw.params, jax.random.PRNGKey(0), 8, 1)
 
 
 def test_the_train_loops_evaluation_uses_the_second_order_map(runs_pair):
@@ -91,9 +101,12 @@ def test_the_train_loops_evaluation_uses_the_second_order_map(runs_pair):
   with open(os.path.join(student_wd, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   logged = [r["eval/sliced_w2_nfe1"] for r in rows if "eval/sliced_w2_nfe1" in r][-1]
-  run = runs.load_run(student_wd, runs.read_config(student_wd).eval.which)
+  run = teacher.load_sampling_run(student_wd, runs.read_config(student_wd).eval.which)
   fn = evaluate.periodic_eval_fn(run.config, data.make_source(run.config.data, run.config.seed))
   state = types.SimpleNamespace(ema={}, params=run.params)  # run.params: the evaluated weights
   assert fn(run.net, state)["sliced_w2_nfe1"] == pytest.approx(logged, rel=1e-4)
-  raw = fn(runs.network(run.config), state)["sliced_w2_nfe1"]
+  first = run.config.copy_and_resolve_references()
+  first.objective.order = 1  # the raw network read as a first-order map
+  raw = evaluate.periodic_eval_fn(first, data.make_source(first.data, first.seed))(
+      runs.network(run.config), state)["sliced_w2_nfe1"]
   assert abs(raw - logged) > 0.05 * logged
