@@ -158,7 +158,7 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
   e.g. 1/2/4 for a one-step DMD generator before its config kept only the step counts it was
   trained on; only the board's own NFEs are evaluated and reported. ``draws``: sample draws
   of each model every figure is averaged over (``eval.draws``; cached apart from other counts)."""
-  from fmdistill import runs as runs_lib
+  from fmdistill import objectives, runs as runs_lib
   from fmdistill.eval import report
   sdir = os.path.join(out, "samples")
   os.makedirs(sdir, exist_ok=True)
@@ -168,7 +168,8 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
     for name, by_seed in runs.items():
       wd = by_seed.get(seed, by_seed.get(0))
       step = runs_lib.latest_step(wd)
-      ecfg = runs_lib.read_config(wd).eval
+      rcfg = runs_lib.read_config(wd)
+      ecfg = rcfg.eval
       nref = int(ecfg.get("references", 4))  # figures averaged over nref references
       key = (f"eval/{seed}/{name}" + (f"/nfe{teacher_nfe}" if name == "teacher" else "")
              + f"/refs{nref}" + (f"/draws{draws}" if draws > 1 else ""))
@@ -197,6 +198,7 @@ def evaluate_all(runs: dict, seeds: int, teacher_nfe: tuple, out: str, cache: Ca
       e.setdefault("references", got.get("references", 1))
       e.setdefault("draws", got.get("draws", 1))
       r = _int_keys(got["run"])
+      r["evals_per_jump"] = objectives.evals_per_jump(rcfg)  # a cached figure may predate it
       if want:  # a cache written before the board set the NFEs may hold more
         r["nfe"] = {n: v for n, v in r["nfe"].items() if n in want}
       e["runs"][name] = r

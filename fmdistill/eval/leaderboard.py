@@ -81,7 +81,8 @@ def student_rows(evals: dict, metric: str, nfes=(1, 2, 4)) -> list[dict]:
   rows = []
   for name in names:
     r0 = next(e["runs"][name] for e in evals.values() if name in e["runs"])
-    row = dict(name=name, method=r0["method"], steps=r0["steps"], seeds=0, q={}, ratio={})
+    row = dict(name=name, method=r0["method"], steps=r0["steps"], seeds=0, q={}, ratio={},
+               evals_per_jump=int(r0.get("evals_per_jump", 1)))
     for nfe in nfes:
       qs, ratios = [], []
       for e in evals.values():
@@ -122,8 +123,23 @@ def quality_table(rows: list[dict], metric: str, ref: int = REFERENCE) -> list[s
   for r in rows:
     q = [fmt(r["q"].get(n)) for n in (1, 2, 4)]
     x = [fmt(r["ratio"].get(n), ".2f") for n in (1, 2, 4)]
-    lines.append(f"| {r['name']} | {r['method']} | {r['steps']} | " + " | ".join(q + x) + " |")
-  return lines
+    lines.append(f"| {r['name']}{MARK if r.get('evals_per_jump', 1) > 1 else ''} | "
+                 f"{r['method']} | {r['steps']} | " + " | ".join(q + x) + " |")
+  return lines + jump_note(rows)
+
+
+MARK = " ‡"  # a row whose "NFE" counts jumps of more than one network evaluation each
+
+
+def jump_note(rows: list[dict]) -> list[str]:
+  """The footnote of the rows marked ``MARK`` (none when no row samples through its teacher)."""
+  k = sorted({r.get("evals_per_jump", 1) for r in rows} - {1})
+  if not k:
+    return []
+  return ["", f"‡ samples through its frozen teacher: each step (\"NFE\" here) is "
+          f"{' or '.join(map(str, k))} network evaluations (the teacher's velocity and the "
+          "student's correction); the sampling times below are measured, so its speedups "
+          "include that cost."]
 
 
 def cost_table(rows: list[dict], costs: dict) -> list[str]:
@@ -159,6 +175,7 @@ def speedups(rows: list[dict], teacher: dict[int, float], times: dict) -> list[d
       at_least = match is None and top in tsec and math.isfinite(r["q"][nfe][0])
       ref = top if at_least else match
       out.append(dict(name=r["name"], nfe=nfe, q=r["q"][nfe][0], matched=match,
+                      evals_per_jump=r.get("evals_per_jump", 1),
                       speedup=tsec[top] / t["run_s"] if at_least else x,
                       at_least=top if at_least else None,
                       run_s=t["run_s"], compile_s=t["compile_s"],
@@ -171,6 +188,7 @@ def speedup_table(items: list[dict]) -> list[str]:
   lines = ["| student | NFE | figure | matched teacher NFE | student ms | teacher ms | speedup "
            "| compile s (student / teacher) |", "|---|---|---|---|---|---|---|---|"]
   for s in items:
+    s = dict(s, name=s["name"] + (MARK if s.get("evals_per_jump", 1) > 1 else ""))
     if s.get("at_least"):
       lines.append(f"| {s['name']} | {s['nfe']} | {s['q']:.4g} | none: better than the teacher "
                    f"at every NFE up to {s['at_least']} | {s['run_s'] * 1e3:.3g} | "
@@ -196,7 +214,8 @@ def csv_rows(rows: list[dict], costs: dict, spd: list[dict]) -> list[dict]:
   """The summary CSV: one row per student (means, stds, cost ratios, speedups)."""
   out = []
   for r in rows:
-    d = dict(name=r["name"], method=r["method"], train_steps=r["steps"], seeds=r["seeds"])
+    d = dict(name=r["name"], method=r["method"], train_steps=r["steps"], seeds=r["seeds"],
+             evals_per_nfe=r.get("evals_per_jump", 1))
     for n in (1, 2, 4):
       for key, ms in ((f"q_nfe{n}", r["q"].get(n)), (f"ratio_nfe{n}", r["ratio"].get(n))):
         m, s = ms or (None, None)
@@ -243,8 +262,9 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def plot(evals: dict, rows: list[dict], metric: str, path: str) -> None:
-  """Quality vs NFE on log-log axes: the teacher's curve (black), every student at its NFEs
-  (error bars: std over seeds), the data-vs-data floor dashed; the legend beside the axes."""
+  """Quality vs network evaluations on log-log axes: the teacher's curve (black), every student
+  at its NFEs times its ``evals_per_jump`` (error bars: std over seeds), the data-vs-data floor
+  dashed; the legend beside the axes."""
   fig, ax = plots.plt.subplots(figsize=(7 + 2 * (len(rows) > 12), 4.5))
   t = teacher_curve(evals, metric)
   ax.plot(list(t), list(t.values()), "k-", lw=2.5, marker="s", label="teacher (Euler)")
@@ -253,13 +273,15 @@ def plot(evals: dict, rows: list[dict], metric: str, path: str) -> None:
     nfes = sorted(r["q"])
     ys = [r["q"][n][0] for n in nfes]
     err = [0.0 if math.isnan(r["q"][n][1]) else r["q"][n][1] for n in nfes]
-    ax.errorbar(nfes, ys, yerr=err, marker=markers[i % len(markers)], ms=4, lw=1,
-                capsize=2, color=f"C{i % 10}", label=r["name"])
+    k = r.get("evals_per_jump", 1)
+    ax.errorbar([n * k for n in nfes], ys, yerr=err, marker=markers[i % len(markers)], ms=4,
+                lw=1, capsize=2, color=f"C{i % 10}",
+                label=r["name"] + (f" ({k} evals per step)" if k > 1 else ""))
   floor = mean_std([e["floor"][metric] for e in evals.values()])[0]
   ax.axhline(floor, ls="--", color="gray", label="data vs data (floor)")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
-  ax.set_xlabel("NFE")
+  ax.set_xlabel("network evaluations")
   ax.set_ylabel(metric)
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),

@@ -56,7 +56,8 @@ def image_grid(x: np.ndarray, cols: int = 8) -> np.ndarray:
 
 def quality_figure(curves: dict[str, dict[int, float]], floor: float, metric: str,
                    path: str) -> None:
-  """``curves[name][nfe] = value`` on log-log axes, with the data-vs-data floor dashed."""
+  """``curves[name][evaluations] = value`` on log-log axes (network evaluations per sample),
+  with the data-vs-data floor dashed."""
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for i, (name, c) in enumerate(curves.items()):
     nfes = sorted(c)
@@ -64,7 +65,7 @@ def quality_figure(curves: dict[str, dict[int, float]], floor: float, metric: st
   ax.axhline(floor, ls="--", color="gray", label="data vs data (floor)")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
-  ax.set_xlabel("NFE")
+  ax.set_xlabel("network evaluations")
   ax.set_ylabel(metric)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")

@@ -117,13 +117,16 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
     result["runs"][name] = {"method": config.method, "sampler": sampler, "workdir": wd,
                             "step": run.step, "steps": run.steps, "finished": run.finished,
                             "which": run.which, "nfe": per_nfe, "range": spans,
-                            "draws": draws}
+                            "draws": draws,
+                            "evals_per_jump": objectives.evals_per_jump(config)}
     if stds:
       result["runs"][name].update(draw_std=stds, draw_values=values)
     if sampler == "ode":  # ReFlow rounds, teachers: how straight the learned flow is
       result["runs"][name]["straightness"] = ode_straightness(config, net, params, seed,
                                                               len(reference))
-    curves[name] = {k: v["sliced_w2"] for k, v in per_nfe.items()}
+    per = objectives.evals_per_jump(config)  # plotted against network evaluations
+    curves[name + (f" ({per} evals per step)" if per > 1 else "")] = {
+        k * per: v["sliced_w2"] for k, v in per_nfe.items()}
   plots.quality_figure(curves, floor["sliced_w2"], "sliced W2",
                        os.path.join(out_dir, "quality_vs_nfe.png"))
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -202,7 +205,9 @@ def markdown(result: dict, title: str, extra: str = "") -> str:
     for nfe, q in r["nfe"].items():
       std = r.get("draw_std", {}).get(nfe, {})
       cell = lambda k: f"{q[k]:.4g}" + (f" ± {std[k]:.2g}" if k in std else "")
-      lines.append(f"| {name} | {r['method']} | {nfe} | "
+      per = r.get("evals_per_jump", 1)  # network evaluations per sampling step
+      lines.append(f"| {name} | {r['method']} | {nfe}"
+                   + (f" ({nfe * per} evaluations)" if per > 1 else "") + " | "
                    + " | ".join(cell(k) for k in keys) + f" | {q['seconds']:.2f} |")
   straight = {n: r["straightness"] for n, r in result["runs"].items() if "straightness" in r}
   if straight:

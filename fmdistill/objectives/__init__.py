@@ -109,10 +109,12 @@ class Objective:
   * ``consistency``: the map is trained to ``s = 0`` only, so multistep sampling denoises to 0
     and re-noises (``eval_gamma = 1``: consistency multistep); otherwise flow-map jumps
     (``eval_gamma = 0``).
-  * ``sampling_net(net, teacher, cfg) -> net``: the network the sampler evaluates when the
-    trained network alone is not the flow map (second-order flow-map matching: ``G = v +
-    (s - t) NN`` with the frozen teacher's velocity ``v``); ``teacher()`` returns the bound
-    teacher and is called only when the map needs it; ``None``: the trained network itself.
+  * ``samples_with_teacher(cfg) -> bool``: whether a run with method config ``cfg`` samples
+    through its frozen teacher, i.e. the trained network alone is not the flow map
+    (second-order flow-map matching, ``order = 2``: ``G = v + (s - t) NN`` with the teacher's
+    velocity ``v``); each jump then costs two network evaluations. ``None``: never.
+  * ``sampling_net(net, teacher, cfg) -> net``: the network the sampler evaluates for such a
+    run; ``teacher()`` returns the bound teacher. Called only when ``samples_with_teacher``.
   * ``check(config)``: the method's own config checks, run by ``config.validate`` before
     anything is written (raise ``fmdistill.errors.ConfigError`` naming the field), or ``None``.
   """
@@ -127,6 +129,7 @@ class Objective:
   tangent: bool = False
   consistency: bool = False
   check: Callable[[ml_collections.ConfigDict], None] | None = None
+  samples_with_teacher: Callable[[ml_collections.ConfigDict], bool] | None = None
   sampling_net: Callable[[Any, Callable[[], Any], ml_collections.ConfigDict], Any] | None = None
   doc: str = ""
 
@@ -196,25 +199,25 @@ def sampling_network(config: ml_collections.ConfigDict, net: Any,
   """The network the sampler evaluates for a run of ``config`` (``Objective.sampling_net``):
   ``net`` itself for every method whose trained network is its flow map. ``teacher()`` returns
   the run's bound frozen teacher ``teacher(x, t, s, cond)``; it is called only if needed."""
-  e = entry(config.method)
-  if e.sampling_net is None:
+  if not samples_with_teacher(config):
     return net
-  out = e.sampling_net(net, teacher, config.objective)
-  if out is not net:
-    out.with_teacher = True  # what ``samples_with_teacher`` runs must be sampled with
+  out = entry(config.method).sampling_net(net, teacher, config.objective)
+  out.with_teacher = True  # what ``evaluate.sampler_fn`` checks for such a run
   return out
 
 
 def samples_with_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether a run of ``config`` samples through its teacher (its ``sampling_net`` asks for
-  it), so that its raw network alone is not its flow map."""
+  """Whether a run of ``config`` samples through its teacher (``Objective.samples_with_teacher``),
+  so that its raw network alone is not its flow map."""
   e = entry(config.method)
-  if e.sampling_net is None:
-    return False
-  asked = []
-  e.sampling_net(lambda *a: None, lambda: asked.append(1) or (lambda *a: None),
-                 config.objective)
-  return bool(asked)
+  return bool(e.samples_with_teacher is not None and e.samples_with_teacher(config.objective))
+
+
+def evals_per_jump(config: ml_collections.ConfigDict) -> int:
+  """Network evaluations per sampling step of a run of ``config``: 2 for a run that samples
+  through its teacher (one teacher and one student evaluation), else 1. The reports' "NFE" of a
+  flow-map student counts jumps; this is what converts them into network evaluations."""
+  return 2 if samples_with_teacher(config) else 1
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ self-distillation (``*_self``, no teacher) uses the student's own instantaneous 
 on the diagonal. Limits: the second-order form needs a teacher and the forward loss (its
 backward residual would need the teacher's own time derivative, which the train loop's
 stop-gradient teacher does not expose). A second-order run samples through ``sampling_net``
-(the registry's ``sampling_net`` trait): ``teacher.sampling_run`` and the train loop's
+(the registry's ``samples_with_teacher`` and ``sampling_net`` traits): ``teacher.sampling_run`` and the train loop's
 evaluation bind the run's own teacher (at the step it trained with), so a jump costs two network
 calls; the sampler refuses the raw network of such a run.
 """
@@ -71,11 +71,16 @@ def displacement_net(net, teacher, order: int):
   raise ValueError(f"order must be 1 or 2, got {order}")
 
 
+def samples_with_teacher(cfg) -> bool:
+  """``order = 2`` maps sample through the frozen teacher's velocity (``sampling_net``)."""
+  return int(cfg.order) == 2
+
+
 def sampling_net(net, teacher, cfg):
-  """The flow map's displacement network for sampling: ``net`` for ``order = 1``; for
-  ``order = 2`` ``G = v + (s - t) NN`` with the bound teacher ``teacher()`` (its velocity
-  ``teacher(x, t, t, cond)``: each jump costs one teacher and one student evaluation)."""
-  return displacement_net(net, teacher() if cfg.order == 2 else None, cfg.order)
+  """The ``order = 2`` flow map's displacement network for sampling, ``G = v + (s - t) NN``
+  with the bound teacher ``teacher()`` (its velocity ``teacher(x, t, t, cond)``): each jump
+  costs one teacher and one student evaluation."""
+  return displacement_net(net, teacher(), cfg.order)
 
 
 def backward_target(G, params, ema_params, x_t, t, s, v, cond=None, *, fused=True,
@@ -153,5 +158,7 @@ for _name, _fn, _self in (("fmm_forward", fmm_forward_loss, False),
                           ("fmm_backward_self", fmm_backward_self_loss, True)):
   objectives.register(objectives.Objective(
       name=_name, loss=_fn, defaults=self_defaults if _self else defaults,
-      needs_teacher=not _self, tangent=True, sampling_net=None if _self else sampling_net,
+      needs_teacher=not _self, tangent=True,
+      samples_with_teacher=None if _self else samples_with_teacher,
+      sampling_net=None if _self else sampling_net,
       doc=_fn.__doc__))

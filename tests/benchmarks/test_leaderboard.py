@@ -52,13 +52,54 @@ def test_seed_means_stds_and_ratios_to_the_teacher_of_the_same_seed():
   assert math.isnan(lb.student_rows(_evals(1), "sliced_w2")[0]["q"][1][1])  # one seed: no std
 
 
+def test_a_row_that_samples_through_its_teacher_is_marked_and_plotted_at_its_evaluations(
+    tmp_path):
+  """A second-order FMM row's "NFE" counts jumps of two network evaluations each: the quality
+  and speedup tables mark it and say so, the CSV carries the count, the plot places it at
+  ``2 x NFE``; an ordinary row is not marked and no footnote appears without such a row."""
+  ev = _evals(1)
+  plain = lb.student_rows(ev, "sliced_w2")
+  assert "‡" not in "\n".join(lb.quality_table(plain, "sliced_w2"))
+  ev[0]["runs"]["st"]["evals_per_jump"] = 2
+  rows = lb.student_rows(ev, "sliced_w2")
+  table = lb.quality_table(rows, "sliced_w2")
+  assert table[2].startswith("| st ‡ |")
+  assert any("each step (\"NFE\" here) is 2 network evaluations" in line for line in table)
+  spd = lb.speedups(rows, lb.teacher_curve(ev, "sliced_w2"),
+                    {("st", 1): {"run_s": 0.001, "compile_s": 1.0},
+                     ("teacher", 4): {"run_s": 0.004, "compile_s": 1.0}})
+  assert lb.speedup_table(spd)[2].startswith("| st ‡ | 1 |")
+  assert lb.csv_rows(rows, {}, spd)[0]["evals_per_nfe"] == 2
+  seen = {}
+
+  class Axes:
+    def __getattr__(self, name):
+      return lambda *a, **k: None
+
+    def errorbar(self, x, y, **k):
+      seen[k["label"]] = list(x)
+
+  class Fig:
+    def __getattr__(self, name):
+      return lambda *a, **k: None
+
+  import fmdistill.eval.plots as plots_mod
+  orig = plots_mod.plt.subplots
+  plots_mod.plt.subplots = lambda *a, **k: (Fig(), Axes())
+  try:
+    lb.plot(ev, rows, "sliced_w2", str(tmp_path / "q.png"))
+  finally:
+    plots_mod.plt.subplots = orig
+  assert seen == {"st (2 evals per step)": [2, 4, 8]}
+
+
 def test_a_reused_run_reports_only_the_nfes_the_boards_config_evaluates(tmp_path, monkeypatch):
   # a one-step generator's run stored (and cached) at 1/2/4 NFE: the board's config asks for 1
   import ml_collections
   from fmdistill import runs as runs_lib
   monkeypatch.setattr(runs_lib, "latest_step", lambda wd: 1500)
   monkeypatch.setattr(runs_lib, "read_config", lambda wd: ml_collections.ConfigDict(
-      {"eval": {"references": 4, "student_nfe": (1, 2, 4)}}))
+      {"method": "dmd", "eval": {"references": 4, "student_nfe": (1, 2, 4)}}))
   cache = leaderboard.Cache(str(tmp_path))
   q = lambda v: {"swd": v}  # noqa: E731
   for name in ("teacher", "dmd"):
@@ -91,7 +132,8 @@ def test_draws_reach_the_evaluation_are_cached_apart_and_reach_the_outputs(tmp_p
   import ml_collections
   from fmdistill import runs as runs_lib
   from fmdistill.eval import report
-  stored = ml_collections.ConfigDict({"eval": {"references": 4, "student_nfe": (1,),
+  stored = ml_collections.ConfigDict({"method": "meanflow",
+                                      "eval": {"references": 4, "student_nfe": (1,),
                                                "teacher_nfe": (1,)}})
   stored.lock()  # as read back from a run written before eval.draws existed
   monkeypatch.setattr(runs_lib, "latest_step", lambda wd: 7)

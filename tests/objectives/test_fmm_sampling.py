@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmdistill import data, runs, teacher, train
-from fmdistill.eval import evaluate
+from fmdistill import data, objectives, runs, teacher, train
+from fmdistill.eval import evaluate, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -110,3 +110,24 @@ def test_the_train_loops_evaluation_uses_the_second_order_map(runs_pair):
   raw = evaluate.periodic_eval_fn(first, data.make_source(first.data, first.seed))(
       runs.network(run.config), state)["sliced_w2_nfe1"]
   assert abs(raw - logged) > 0.05 * logged
+
+
+def test_only_second_order_maps_sample_through_the_teacher_and_count_two_evaluations():
+  for method, order, expected in (("fmm_forward", 2, 2), ("fmm_forward", 1, 1),
+                                  ("fmm_backward", 1, 1), ("fmm_forward_self", 1, 1),
+                                  ("meanflow", None, 1)):
+    c = toy2d.get_config(method)
+    if order is not None:
+      c.objective.order = order
+    assert objectives.samples_with_teacher(c) == (expected == 2), (method, order)
+    assert objectives.evals_per_jump(c) == expected, (method, order)
+
+
+def test_the_report_counts_two_network_evaluations_per_step(runs_pair, tmp_path):
+  """``report.md`` and ``metrics.json`` say what a second-order step costs: "1 (2 evaluations)"."""
+  teacher_wd, student_wd = runs_pair
+  res = report.evaluate_runs({"t": teacher_wd, "s": student_wd}, str(tmp_path))
+  assert res["runs"]["s"]["evals_per_jump"] == 2 and res["runs"]["t"]["evals_per_jump"] == 1
+  text = report.markdown(res, "second order")
+  assert "| s | fmm_forward | 1 (2 evaluations) |" in text
+  assert "| t | flow_matching | 1 |" in text
