@@ -2,8 +2,9 @@
 faults a user can inject from the command line (one clear line, exit 2, nothing written).
 
 The command-line faults run in one subprocess (``tests/cli_batch.py``: one jax import for all
-of them) that obeys file permissions even as root. In-process faults (checkpoints, drift,
-teachers, non-finite values, logs) are in ``tests/test_reliability_state.py``."""
+of them) that obeys file permissions even as root. In-process faults are in ``tests/test_reliability_state.py``
+(checkpoints, non-finite values, metrics.jsonl) and ``tests/test_reliability_workdir.py`` (drift,
+teachers, locks, library logs)."""
 import ctypes
 import fcntl
 import json

@@ -7,7 +7,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from fmdistill import data, flowmap, objectives, paths, runs as runs_lib, tblog
 from fmdistill import teacher as teacher_lib
