@@ -159,6 +159,8 @@ def register(obj: Objective) -> Objective:
     raise ValueError(f"objective {obj.name!r} is registered twice")
   if obj.batch not in BATCHES:
     raise ValueError(f"{obj.name}: batch must be one of {BATCHES}, got {obj.batch!r}")
+  if (obj.samples_with_teacher is None) != (obj.sampling_net is None):
+    raise ValueError(f"{obj.name}: samples_with_teacher and sampling_net come together")
   for name, part in obj.parts.items():
     if part.order not in ("before", "after"):
       raise ValueError(f"{obj.name}: part {name!r} order must be 'before' or 'after'")
