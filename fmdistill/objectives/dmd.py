@@ -37,7 +37,11 @@ the generator's samples, ``_score.critic_loss``).
 Deviations: the regression loss of ``dmd_v1`` is the plain L2 distance (DMD uses LPIPS on
 images); the critic is trained by velocity flow matching at the generator's noise-level
 distribution (DMD2: EDM weighting over the whole schedule); noise levels are uniform in path
-time by default (``noise_time='karras'`` gives DMD2's EDM grid indexing).
+time by default (``noise_time='karras'`` gives DMD2's EDM grid indexing); DMD2 updates the
+head and the fake score jointly (one optimiser step, the same generator samples, the head's
+loss weighted ``cls_loss_weight``), here the head is its own part (``disc``: 5 updates per
+student step with its own rollouts and optimiser, loss weight 1) and the critic's update
+carries the classification loss through its features with the head frozen.
 """
 from __future__ import annotations
 
