@@ -28,9 +28,9 @@ self-distillation (``*_self``, no teacher) uses the student's own instantaneous 
 on the diagonal. Limits: the second-order form needs a teacher and the forward loss (its
 backward residual would need the teacher's own time derivative, which the train loop's
 stop-gradient teacher does not expose). A second-order run samples through ``sampling_net``
-(the registry's ``samples_with_teacher`` and ``sampling_net`` traits): ``teacher.sampling_run`` and the train loop's
-evaluation bind the run's own teacher (at the step it trained with), so a jump costs two network
-calls; the sampler refuses the raw network of such a run.
+(the registry's ``samples_with_teacher`` and ``sampling_net`` traits): ``teacher.sampling_run``
+and the train loop's evaluation bind the run's own teacher (at the step it trained with), so a
+jump costs two network calls; the sampler refuses the raw network of such a run.
 """
 from __future__ import annotations
 
