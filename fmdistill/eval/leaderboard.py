@@ -123,12 +123,16 @@ def quality_table(rows: list[dict], metric: str, ref: int = REFERENCE) -> list[s
   for r in rows:
     q = [fmt(r["q"].get(n)) for n in (1, 2, 4)]
     x = [fmt(r["ratio"].get(n), ".2f") for n in (1, 2, 4)]
-    lines.append(f"| {r['name']}{MARK if r.get('evals_per_jump', 1) > 1 else ''} | "
-                 f"{r['method']} | {r['steps']} | " + " | ".join(q + x) + " |")
+    lines.append(f"| {marked(r)} | {r['method']} | {r['steps']} | " + " | ".join(q + x) + " |")
   return lines + jump_note(rows)
 
 
 MARK = " ‡"  # a row whose "NFE" counts jumps of more than one network evaluation each
+
+
+def marked(r: dict) -> str:
+  """``r['name']``, with ``MARK`` when its steps are more than one network evaluation each."""
+  return r["name"] + (MARK if r.get("evals_per_jump", 1) > 1 else "")
 
 
 def jump_note(rows: list[dict]) -> list[str]:
@@ -188,7 +192,7 @@ def speedup_table(items: list[dict]) -> list[str]:
   lines = ["| student | NFE | figure | matched teacher NFE | student ms | teacher ms | speedup "
            "| compile s (student / teacher) |", "|---|---|---|---|---|---|---|---|"]
   for s in items:
-    s = dict(s, name=s["name"] + (MARK if s.get("evals_per_jump", 1) > 1 else ""))
+    s = dict(s, name=marked(s))
     if s.get("at_least"):
       lines.append(f"| {s['name']} | {s['nfe']} | {s['q']:.4g} | none: better than the teacher "
                    f"at every NFE up to {s['at_least']} | {s['run_s'] * 1e3:.3g} | "

@@ -113,17 +113,16 @@ def evaluate_runs(runs: dict[str, str], out_dir: str, *, seed: int = 0,
     plots.samples_figure(panels, os.path.join(out_dir, f"samples_{name}.png"),
                          reference=reference,
                          title=f"{name} ({config.method}), {run.describe()}")
+    per = objectives.evals_per_jump(config)  # network evaluations per sampling step
     result["runs"][name] = {"method": config.method, "sampler": sampler, "workdir": wd,
                             "step": run.step, "steps": run.steps, "finished": run.finished,
                             "which": run.which, "nfe": per_nfe, "range": spans,
-                            "draws": draws,
-                            "evals_per_jump": objectives.evals_per_jump(config)}
+                            "draws": draws, "evals_per_jump": per}
     if stds:
       result["runs"][name].update(draw_std=stds, draw_values=values)
     if sampler == "ode":  # ReFlow rounds, teachers: how straight the learned flow is
       result["runs"][name]["straightness"] = ode_straightness(config, net, params, seed,
                                                               len(reference))
-    per = objectives.evals_per_jump(config)  # plotted against network evaluations
     curves[name + (f" ({per} evals per step)" if per > 1 else "")] = {
         k * per: v["sliced_w2"] for k, v in per_nfe.items()}
   plots.quality_figure(curves, floor["sliced_w2"], "sliced W2",

@@ -53,7 +53,7 @@ def test_seed_means_stds_and_ratios_to_the_teacher_of_the_same_seed():
 
 
 def test_a_row_that_samples_through_its_teacher_is_marked_and_plotted_at_its_evaluations(
-    tmp_path):
+    tmp_path, monkeypatch):
   """A second-order FMM row's "NFE" counts jumps of two network evaluations each: the quality
   and speedup tables mark it and say so, the CSV carries the count, the plot places it at
   ``2 x NFE``; an ordinary row is not marked and no footnote appears without such a row."""
@@ -83,13 +83,9 @@ def test_a_row_that_samples_through_its_teacher_is_marked_and_plotted_at_its_eva
     def __getattr__(self, name):
       return lambda *a, **k: None
 
-  import fmdistill.eval.plots as plots_mod
-  orig = plots_mod.plt.subplots
-  plots_mod.plt.subplots = lambda *a, **k: (Fig(), Axes())
-  try:
-    lb.plot(ev, rows, "sliced_w2", str(tmp_path / "q.png"))
-  finally:
-    plots_mod.plt.subplots = orig
+  from fmdistill.eval import plots
+  monkeypatch.setattr(plots.plt, "subplots", lambda *a, **k: (Fig(), Axes()))
+  lb.plot(ev, rows, "sliced_w2", str(tmp_path / "q.png"))
   assert seen == {"st (2 evals per step)": [2, 4, 8]}
 
 
