@@ -16,9 +16,14 @@ from fmdistill.errors import ConfigError
 SCRIPT = os.path.join(os.path.dirname(__file__), "parallel_check.py")
 
 
+def _flags(devices: int) -> str:
+  """``devices`` fake CPU devices, beside the suite's own XLA flags (conftest.py)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+
 def _run(root, devices, *args, extra_env=None, timeout=600):
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(extra_env or {}))
+             XLA_FLAGS=_flags(devices), **(extra_env or {}))
   r = subprocess.run([sys.executable, SCRIPT, *args], cwd=root, env=env, capture_output=True,
                      text=True, timeout=timeout)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -68,7 +73,7 @@ def test_two_processes_agree_with_one(root, tmp_path):
   """Two local processes x 4 fake devices (gloo collectives) = one process x 8 devices."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             XLA_FLAGS=_flags(4),
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
   wd = str(tmp_path / "multi")
   procs = [subprocess.Popen([sys.executable, SCRIPT, "train", wd, "2", "4", "6"], cwd=root,
