@@ -172,18 +172,26 @@ def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
       interval=tuple(config.teacher.get("guidance_interval", ())))
 
 
+def unbound(teacher: Teacher, config) -> tuple[Callable, Any]:
+  """``(fn(params, x, t, s, cond), teacher.params)``: ``bind`` with the weights left as an
+  argument (``objectives.sampling_network``'s teacher)."""
+  return (lambda params, *args: bind(teacher, params, config)(*args)), teacher.params
+
+
 def sampling_run(run: runs.Run) -> runs.Run:
-  """``run`` with the network the sampler evaluates (``objectives.sampling_network``): the
-  trained network itself for every method but those that also sample through their teacher
-  (second-order flow-map matching, ``v + (s - t) NN``), for which the run's own frozen teacher
-  is loaded (at the checkpoint step it recorded) and bound."""
-  def bound():
+  """``run`` with the network the sampler evaluates (``objectives.sampling_network``) and its
+  parameters: the trained network itself for every method but those that also sample through
+  their teacher (second-order flow-map matching, ``v + (s - t) NN``), for which the run's own
+  frozen teacher is loaded (at the checkpoint step it recorded) and ``params`` becomes
+  ``{'student': ..., 'teacher': ...}``."""
+  def teacher():
     t = load(run.config, run.workdir)
     if t is None:
       raise TeacherError(f"run {run.workdir!r} ({run.config.method}) samples through its "
                          "teacher, but its config.teacher.workdir is empty")
-    return bind(t, t.params, run.config)
-  return dataclasses.replace(run, net=objectives.sampling_network(run.config, run.net, bound))
+    return unbound(t, run.config)
+  net = objectives.sampling_network(run.config, run.net, teacher)
+  return dataclasses.replace(run, net=net, params=objectives.sampling_params(net, run.params))
 
 
 def load_sampling_run(workdir: str, which: str = "params", step: int | None = None

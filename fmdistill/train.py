@@ -174,7 +174,7 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
                    if proc == 0 and t.get("tensorboard", True) else None, start)
   step_fn = step_lib.make_train_step(config, net, teacher, (mesh, state_sh, teacher_sh))
   eval_net = objectives.sampling_network(  # what the sampler evaluates (second-order FMM)
-      config, net, lambda: teacher_lib.bind(teacher, teacher.params, config))
+      config, net, lambda: teacher_lib.unbound(teacher, config))
   end = t.steps if stop_after is None else min(t.steps, start + stop_after)
   bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
              disable=not progress or proc != 0, dynamic_ncols=True)

@@ -241,7 +241,8 @@ def periodic_eval_fn(config, source, n: int = 1000):
 
   def fn(net, state):
     which = config.eval.which
-    params = state.ema[which] if which in state.ema else state.params
+    params = objectives.sampling_params(net, state.ema[which] if which in state.ema
+                                        else state.params)
     x = generate(config, net, params, jax.random.PRNGKey(config.seed), len(reference), nfe)
     return {f"sliced_w2_nfe{nfe}": mean_sliced_w2(x, refs), f"samples_nfe{nfe}": x}
   return fn

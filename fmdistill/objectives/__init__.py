@@ -113,8 +113,10 @@ class Objective:
     through its frozen teacher, i.e. the trained network alone is not the flow map
     (second-order flow-map matching, ``order = 2``: ``G = v + (s - t) NN`` with the teacher's
     velocity ``v``); each jump then costs two network evaluations. ``None``: never.
-  * ``sampling_net(net, teacher, cfg) -> net``: the network the sampler evaluates for such a
-    run; ``teacher()`` returns the bound teacher. Called only when ``samples_with_teacher``.
+  * ``sampling_net(net, teacher, cfg) -> g``: what the sampler evaluates for such a run,
+    ``g(params, teacher_params, x, t, s, cond)``, where ``teacher(teacher_params, x, t, s,
+    cond)`` is the run's frozen teacher. Called only when ``samples_with_teacher``; wrapped
+    in a ``SamplingNet`` (the teacher's weights travel as an argument).
   * ``check(config)``: the method's own config checks, run by ``config.validate`` before
     anything is written (raise ``fmdistill.errors.ConfigError`` naming the field), or ``None``.
   """
@@ -196,16 +198,39 @@ def get(name: str) -> Loss:
   return entry(name).loss
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (the samplers' caches)
+class SamplingNet:
+  """The network a run that samples through its frozen teacher is sampled with:
+  ``net(params, x, t, s, cond)`` with ``params = {'student': ..., 'teacher': ...}``
+  (``params_for``), so the teacher's weights reach a jitted sampler as an argument rather than
+  as constants compiled into it (a large teacher would be copied into every program)."""
+  fn: Callable  # fn(student_params, teacher_params, x, t, s, cond)
+  teacher_params: Any
+  with_teacher = True  # what ``evaluate.sampler_fn`` checks for such a run
+
+  def __call__(self, params, x, t, s, cond=None):
+    return self.fn(params["student"], params["teacher"], x, t, s, cond)
+
+  def params_for(self, student_params: Any) -> dict:
+    return {"student": student_params, "teacher": self.teacher_params}
+
+
 def sampling_network(config: ml_collections.ConfigDict, net: Any,
-                     teacher: Callable[[], Any]) -> Any:
+                     teacher: Callable[[], tuple[Callable, Any]]) -> Any:
   """The network the sampler evaluates for a run of ``config`` (``Objective.sampling_net``):
-  ``net`` itself for every method whose trained network is its flow map. ``teacher()`` returns
-  the run's bound frozen teacher ``teacher(x, t, s, cond)``; it is called only if needed."""
+  ``net`` itself for every method whose trained network is its flow map, else a
+  ``SamplingNet`` (give it ``sampling_params``). ``teacher()`` returns the run's frozen
+  teacher as ``(fn(teacher_params, x, t, s, cond), teacher_params)``; called only if needed."""
   if not samples_with_teacher(config):
     return net
-  out = entry(config.method).sampling_net(net, teacher, config.objective)
-  out.with_teacher = True  # what ``evaluate.sampler_fn`` checks for such a run
-  return out
+  fn, teacher_params = teacher()
+  return SamplingNet(entry(config.method).sampling_net(net, fn, config.objective),
+                     teacher_params)
+
+
+def sampling_params(net: Any, params: Any) -> Any:
+  """The parameters ``net`` (from ``sampling_network``) samples with, given the student's."""
+  return net.params_for(params) if isinstance(net, SamplingNet) else params
 
 
 def samples_with_teacher(config: ml_collections.ConfigDict) -> bool:

@@ -78,9 +78,13 @@ def samples_with_teacher(cfg) -> bool:
 
 def sampling_net(net, teacher, cfg):
   """The ``order = 2`` flow map's displacement network for sampling, ``G = v + (s - t) NN``
-  with the bound teacher ``teacher()`` (its velocity ``teacher(x, t, t, cond)``): each jump
-  costs one teacher and one student evaluation."""
-  return displacement_net(net, teacher(), cfg.order)
+  with the frozen teacher's velocity ``teacher(teacher_params, x, t, t, cond)``: each jump
+  costs one teacher and one student evaluation. Returns ``g(params, teacher_params, x, t, s,
+  cond)`` (the registry wraps it in ``objectives.SamplingNet``)."""
+  def g(params, teacher_params, x, t, s, cond=None):
+    bound = lambda x_, t_, s_, c_: teacher(teacher_params, x_, t_, s_, c_)
+    return displacement_net(net, bound, cfg.order)(params, x, t, s, cond)
+  return g
 
 
 def backward_target(G, params, ema_params, x_t, t, s, v, cond=None, *, fused=True,

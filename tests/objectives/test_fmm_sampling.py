@@ -5,6 +5,7 @@ benchmarks) and in the train loop's evaluation -- not as the first-order ``x + (
 the raw network, which the sampler now refuses for such a run."""
 import json
 import os
+import re
 import sys
 import types
 
@@ -59,10 +60,29 @@ def test_the_sampling_run_is_the_second_order_map_with_the_runs_teacher(runs_pai
   t = jax.random.uniform(jax.random.PRNGKey(2), (64,), minval=0.2, maxval=1.0)
   s = t * jax.random.uniform(jax.random.PRNGKey(3), (64,))
   v = _teacher_velocity(teacher_wd, run.config.teacher.which, x, t)
-  expected = v + (s - t)[:, None] * raw(run.params, x, t, s)
+  student = runs.load_run(student_wd).params
+  assert set(run.params) == {"student", "teacher"}
+  expected = v + (s - t)[:, None] * raw(student, x, t, s)
   np.testing.assert_allclose(run.net(run.params, x, t, s), expected, rtol=1e-5, atol=1e-5)
   # the raw network alone is a different map (the first-order reading the report used to make)
-  assert float(jnp.max(jnp.abs(raw(run.params, x, t, s) - expected))) > 1e-2
+  assert float(jnp.max(jnp.abs(raw(student, x, t, s) - expected))) > 1e-2
+
+
+def test_the_teachers_weights_are_an_argument_of_the_sampler_not_compiled_in(runs_pair):
+  """A closed-over teacher would be embedded in every sampling program as constants (all of a
+  large teacher's weights, per program); its weights are an argument like the student's."""
+  _, student_wd = runs_pair
+  run = teacher.load_sampling_run(student_wd)
+  fn = evaluate.sampler_fn(run.config, run.net, 8, 2)
+  hlo = fn.lower(run.params, jax.random.PRNGKey(0)).as_text()
+  main = next(line for line in hlo.splitlines() if "func.func public @main(" in line)
+  n_args = len(jax.tree_util.tree_leaves(run.params)) + 1  # the weights and the key
+  assert len(re.findall(r"%arg\d+:", main)) == n_args
+  shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(run.params["teacher"])
+            if x.ndim == 2}
+  dense = re.findall(r'stablehlo\.constant dense<(?:"0x|\[\[)[^>]*> : tensor<(\d+)x(\d+)xf32>',
+                     hlo)  # matrices of distinct values compiled in as constants
+  assert not [d for d in dense if tuple(map(int, d)) in shapes], dense
 
 
 def test_a_zero_correction_samples_exactly_the_teachers_euler_step(runs_pair):
@@ -70,12 +90,12 @@ def test_a_zero_correction_samples_exactly_the_teachers_euler_step(runs_pair):
   one Euler step from the same noise (same key), so the report's samples go through ``v``."""
   teacher_wd, student_wd = runs_pair
   run = teacher.load_sampling_run(student_wd)
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, run.params)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, run.params["student"])
   raw = runs.network(run.config)
   x = jnp.ones((3, 2))
   assert float(jnp.max(jnp.abs(raw(zeros, x, jnp.ones(3), jnp.zeros(3))))) == 0.0
   key = jax.random.PRNGKey(7)
-  got = evaluate.generate(run.config, run.net, zeros, key, 256, 1)
+  got = evaluate.generate(run.config, run.net, run.net.params_for(zeros), key, 256, 1)
   tr = runs.load_run(teacher_wd, run.config.teacher.which)
   euler = evaluate.generate(tr.config, tr.net, tr.params, key, 256, 1, sampler="ode")
   assert tr.config.eval.solver == "euler"
@@ -103,7 +123,7 @@ def test_the_train_loops_evaluation_uses_the_second_order_map(runs_pair):
   logged = [r["eval/sliced_w2_nfe1"] for r in rows if "eval/sliced_w2_nfe1" in r][-1]
   run = teacher.load_sampling_run(student_wd, runs.read_config(student_wd).eval.which)
   fn = evaluate.periodic_eval_fn(run.config, data.make_source(run.config.data, run.config.seed))
-  state = types.SimpleNamespace(ema={}, params=run.params)  # run.params: the evaluated weights
+  state = types.SimpleNamespace(ema={}, params=run.params["student"])  # the evaluated weights
   assert fn(run.net, state)["sliced_w2_nfe1"] == pytest.approx(logged, rel=1e-4)
   first = run.config.copy_and_resolve_references()
   first.objective.order = 1  # the raw network read as a first-order map
