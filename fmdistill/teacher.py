@@ -78,7 +78,10 @@ def load(config: ml_collections.ConfigDict, student_workdir: str | None = None
   tc = config.teacher
   if not tc.workdir:
     return None
-  tconfig = runs.read_config(tc.workdir)
+  try:
+    tconfig = runs.read_config(tc.workdir)
+  except FileNotFoundError as e:  # say whose run is missing: a student sampled later, too
+    raise TeacherError(f"config.teacher.workdir: {e}") from None
   kind, kinds = kind_of(tconfig.method), objectives.entry(config.method).teacher_kinds
   if kind not in kinds:
     raise TeacherError(

@@ -6,6 +6,7 @@ the raw network, which the sampler now refuses for such a run."""
 import json
 import os
 import re
+import shutil
 import sys
 import types
 
@@ -112,6 +113,19 @@ def test_sampling_the_raw_network_of_such_a_run_is_refused(runs_pair):
   raw = runs.load_run(student_wd)  # the trained network alone
   with pytest.raises(ValueError, match="samples through its teacher"):
     evaluate.generate(raw.config, raw.net, raw.params, jax.random.PRNGKey(0), 8, 1)
+
+
+def test_a_missing_teacher_is_named_when_such_a_run_is_sampled(runs_pair, tmp_path):
+  _, student_wd = runs_pair
+  moved = str(tmp_path / "student")
+  shutil.copytree(student_wd, moved)
+  with open(os.path.join(moved, "config.json")) as f:
+    c = json.load(f)
+  c["teacher"]["workdir"] = str(tmp_path / "gone")
+  with open(os.path.join(moved, "config.json"), "w") as f:
+    json.dump(c, f)
+  with pytest.raises(teacher.TeacherError, match=r"config\.teacher\.workdir: no finished run at"):
+    teacher.load_sampling_run(moved)
 
 
 def test_the_train_loops_evaluation_uses_the_second_order_map(runs_pair):
