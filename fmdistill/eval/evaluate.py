@@ -39,7 +39,7 @@ def sampler_fn(config: ml_collections.ConfigDict, net: Any, n: int, nfe: int, *,
   ``.lower(params, key).compile()`` to time its compilation apart from its runs)."""
   o = config.objective
   sampler = sampler or objectives.entry(config.method).sampler
-  if objectives.samples_with_teacher(config) and not getattr(net, "with_teacher", False):
+  if objectives.samples_with_teacher(config) and not isinstance(net, objectives.SamplingNet):
     raise ValueError(f"this {config.method!r} run samples through its teacher; pass the network "
                      "of fmdistill.teacher.sampling_run(run) (or load_sampling_run), not the "
                      "raw one")

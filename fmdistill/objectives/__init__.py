@@ -206,7 +206,6 @@ class SamplingNet:
   as constants compiled into it (a large teacher would be copied into every program)."""
   fn: Callable  # fn(student_params, teacher_params, x, t, s, cond)
   teacher_params: Any
-  with_teacher = True  # what ``evaluate.sampler_fn`` checks for such a run
 
   def __call__(self, params, x, t, s, cond=None):
     return self.fn(params["student"], params["teacher"], x, t, s, cond)
