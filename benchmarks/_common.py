@@ -3,11 +3,28 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
+
+
+def entry(main: Callable[[], Any]) -> None:
+  """Run a script's ``main`` the way ``python -m fmdistill.main`` runs a job: SIGTERM during a
+  training (the run saved its checkpoint; a rerun resumes) is one line on stderr and exit 0; an
+  error the user can fix (bad config or field, missing or unfinished teacher, bad workdir, a
+  missing file: ``ValueError``/``OSError``) is one ``error:`` line and exit 2."""
+  from fmdistill.errors import Preempted, one_line
+  try:
+    main()
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
+  except (ValueError, OSError) as e:
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def machine() -> str:

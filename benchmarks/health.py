@@ -134,4 +134,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  import _common  # benchmarks/_common.py
+  _common.entry(main)

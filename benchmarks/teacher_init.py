@@ -118,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  import _common  # benchmarks/_common.py
+  _common.entry(main)
