@@ -112,6 +112,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                       "to a finished flow-matching run")
   init_student = teacher is not None and config.teacher.init_student
   if init_student:
+    if isinstance(teacher.net, objectives.SamplingNet):
+      raise ConfigError(
+          f"config.teacher.init_student=True but the flow-map teacher {teacher.source} samples "
+          "through its own frozen teacher (its map combines that teacher's velocity with its "
+          "network), so its weights are not one network a student can start from; set "
+          "config.teacher.init_student=False")
     bad = teacher_lib.init_mismatches(config, teacher)
     if bad:
       raise ConfigError(

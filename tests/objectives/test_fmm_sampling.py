@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmdistill import data, objectives, runs, teacher, train
+from fmdistill import config as config_lib, data, objectives, runs, teacher, train
+from fmdistill.errors import ConfigError
 from fmdistill.eval import evaluate, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -126,6 +127,22 @@ def test_a_missing_teacher_is_named_when_such_a_run_is_sampled(runs_pair, tmp_pa
     json.dump(c, f)
   with pytest.raises(teacher.TeacherError, match=r"config\.teacher\.workdir: no finished run at"):
     teacher.load_sampling_run(moved)
+
+
+def test_a_student_of_such_a_run_is_told_it_cannot_start_from_its_weights(runs_pair, tmp_path):
+  """A progressive stage distilling the second-order map: its weights (``student`` and
+  ``teacher``) are not one network, so ``init_student`` is refused by name; without it the
+  stage trains, jumping with the second-order map."""
+  _, student_wd = runs_pair
+  c = _small(config_lib.base("progressive"), 2)
+  c.teacher.workdir = student_wd
+  with pytest.raises(ConfigError, match=r"samples through its own frozen teacher.*"
+                                        r"config\.teacher\.init_student=False"):
+    train.train_and_evaluate(c, str(tmp_path / "pd"), progress=False)
+  assert not os.path.exists(tmp_path / "pd" / "checkpoints")
+  c.teacher.init_student = False
+  train.train_and_evaluate(c, str(tmp_path / "pd2"), progress=False)
+  assert runs.load_run(str(tmp_path / "pd2")).finished
 
 
 def test_the_train_loops_evaluation_uses_the_second_order_map(runs_pair):
