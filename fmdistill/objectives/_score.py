@@ -47,7 +47,7 @@ def add_fields(cfg: ml_collections.ConfigDict, **overrides) -> ml_collections.Co
   """The fields of the fake-score machinery (their meaning in ``rollout`` and
   ``sample_noise_time``), with ``overrides``."""
   cfg.rollout_steps = 1         # generator samples: N ~ U{1..rollout_steps} sampler steps
-  cfg.rollout_times = "uniform"  # 'uniform': the eval grid T (1 - i/N); 'random': rCM's draws
+  cfg.rollout_times = "uniform"  # 'uniform': the k-step eval grid T (1 - i/k); 'random': rCM's
   cfg.rollout_gamma = 1.0       # the student's sampler: 1 = consistency multistep (eval.gamma)
   cfg.backward_simulation = True  # False: DMD2 without it, x_{t_i} noised from real data
   cfg.noise_time = "uniform"    # noise levels of the generator/critic losses (NOISE_TIMES)
@@ -116,13 +116,16 @@ def noise(key: Array, x0: Array, cfg, path: paths.Path) -> tuple[Array, Array, A
 # ----------------------------------------------------------------------------- generator
 
 
-def _rollout_times(key: Array, n: Array, b: int, cfg, path: paths.Path) -> Callable:
-  """``times(i) -> (B,)``, ``times(0) = T``, non-increasing: the eval grid ``T (1 - i/N)``
-  (``'uniform'``) or rCM's ``t_{i+1} = min(t_i, t_D)`` with ``t_D`` from
-  ``sample_noise_time`` (``'random'``)."""
+def _rollout_times(key: Array, b: int, cfg, path: paths.Path) -> Callable:
+  """``times(i) -> (B,)``, ``times(0) = T``, non-increasing: the ``k = rollout_steps``-step
+  evaluation grid ``T (1 - i/k)`` (``'uniform'``; a rollout of ``N <= k`` steps stops on it at
+  ``T (1 - (N-1)/k)``, so the last map is trained at every start time of the ``k``-step sampler
+  and of any sampler whose step count divides ``k``: DMD2's backward simulation on its fixed
+  schedule) or rCM's ``t_{i+1} = min(t_i, t_D)`` with ``t_D`` from ``sample_noise_time``
+  (``'random'``)."""
   T = jnp.full((b,), path.T, jnp.float32)
   if cfg.rollout_times == "uniform":
-    return lambda i: T * (1.0 - i / n)
+    return lambda i: T * (1.0 - i / cfg.rollout_steps)
   draws = jax.vmap(lambda k: sample_noise_time(k, b, cfg, path))(
       jax.random.split(key, cfg.rollout_steps))
   ts = jax.lax.associative_scan(jnp.minimum, jnp.concatenate([T[None], draws], 0), axis=0)
@@ -143,7 +146,7 @@ def rollout(params: Any, key: Array, x_data: Array, cond: Any, *, net, cfg,
   kz, kn, kt, ks, kr = jax.random.split(key, 5)
   n = (jax.random.randint(kn, (), 1, cfg.rollout_steps + 1) if step_index is None
        else jnp.asarray(step_index) + 1)
-  times = _rollout_times(kt, n, b, cfg, path)
+  times = _rollout_times(kt, b, cfg, path)
   frozen = sg(params)
   f = lambda x_, t_, s_: param.apply(net, frozen, x_, t_, s_, cond)
   zero = jnp.zeros((b,), jnp.float32)

@@ -85,6 +85,22 @@ def test_rollout_with_and_without_backward_simulation_feeds_the_same_marginal():
     np.testing.assert_allclose(x.std(0), jnp.sqrt((a * DATA.scale) ** 2 + s ** 2), atol=0.02)
 
 
+def test_a_k_step_rollout_trains_the_last_map_at_every_start_time_of_the_k_step_sampler():
+  """``rollout_times='uniform'``, ``rollout_steps = 4``: over random step counts ``N`` the last
+  map starts at ``T, 3T/4, T/2, T/4`` -- the start times of the 4-step (and 2- and 1-step)
+  sampler the report uses -- not at ``T/N`` (a grid rebuilt for each ``N`` trained ``T/3``, which
+  no sampler uses, and never ``3T/4``, which the 4-step sampler does)."""
+  cfg = objectives.default_config("dmd2")
+  cfg.update(rollout_steps=4, rollout_times="uniform")
+  net = exact_student(DATA)
+  x_data = jnp.zeros((4, 2))
+  starts = set()
+  for i in range(64):
+    _, t = _score.rollout({"b": jnp.zeros(2)}, jax.random.key(i), x_data, None, net=net, cfg=cfg)
+    starts.add(round(float(t[0]) / P.T, 6))
+  assert starts == {1.0, 0.75, 0.5, 0.25}
+
+
 class IdentityCritic:
   """A frozen critic whose "features" are its input and time (for the GAN head)."""
 
