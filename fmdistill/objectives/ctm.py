@@ -39,7 +39,8 @@ is consistency multistep sampling.
 Deviations: no GAN term; a fixed ``dsm_weight`` instead of CTM's adaptive weight
 ``||grad L_CTM|| / ||grad L_DSM||`` at the last layer; ``d`` is the mean square (LPIPS, CTM's
 image metric, is not offered; ``metric='pseudo_huber'`` is); the DSM weighting is flow
-matching's (uniform ``t``) rather than EDM's.
+matching's (uniform ``t``) rather than EDM's; ``compare='zero'`` maps both sides to ``s = 0``
+(CTM's code maps them to ``sigma_min = 0.002``).
 """
 from __future__ import annotations
 

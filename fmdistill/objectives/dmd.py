@@ -28,7 +28,8 @@ the generator's samples, ``_score.critic_loss``).
   ``t_i`` comes from its own sampler; ``backward_simulation=False`` noises real data to
   ``t_i`` instead); the GAN term (``gan_weight``, default 3e-3; 0 turns it off): a
   discriminator head (the ``disc`` part) on the critic's last hidden layer at noised inputs
-  (``t ~ U[0, gan_t_max] T``, DMD2's diffusion GAN), non-saturating losses: generator
+  (``t ~ U[0, gan_t_max] T`` in path time: DMD2's diffusion GAN, see Deviations), non-saturating
+  losses: generator
   ``gan_weight * softplus(-l(x_fake))``,
   head ``softplus(l(x_fake)) + softplus(-l(x_real))``, and the critic's features trained by the
   same classification loss weighted ``gan_critic_weight`` next to its flow matching (DMD2 trains
@@ -41,7 +42,9 @@ time by default (``noise_time='karras'`` gives DMD2's EDM grid indexing); DMD2 u
 head and the fake score jointly (one optimiser step, the same generator samples, the head's
 loss weighted ``cls_loss_weight``), here the head is its own part (``disc``: 5 updates per
 student step with its own rollouts and optimiser, loss weight 1) and the critic's update
-carries the classification loss through its features with the head frozen.
+carries the classification loss through its features with the head frozen; the GAN's noise
+times are uniform in path time up to ``gan_t_max T`` (DMD2 draws a uniform index on its Karras
+sigma grid up to ``diffusion_gan_max_timestep``: a different distribution of noise levels).
 """
 from __future__ import annotations
 

@@ -31,11 +31,16 @@ its *own* path. In our notation (``t = T`` noise; the paper's ``delta`` is ``T -
       L_corr = 1/2 || x^ - sg(x^ + (D_teacher - D_N)(x_r, r) / w) ||^2,   r ~ U[r_min, r_max] T
       (linear path: D_teacher - D_N = r (v_N - v)).
 
-  ``L = L_pred + corrector_weight L_corr``.
+  ``L = L_pred + lambda L_corr`` with, by default (``balance='adaptive'``), the library's own
+  balancing ``lambda = corrector_weight * sg(rms(res) / (T rms(move)))``: ``res`` the
+  predictor's residual, ``move = (D_teacher - D_N) / w`` the corrector's step in data space, so
+  that the corrector's gradient in ``F`` is half the predictor's in rms (the predictor's is
+  ``2 res / (B D)``, the corrector's ``lambda T move / (B D)``) whatever the critic's scale;
+  ``balance='fixed'`` gives ``lambda = corrector_weight``.
 
 Changes from the paper (whose training code is not public): the paper balances the two
-objectives' gradients adaptively; its rule is not reproduced here -- a fixed weight on a
-DMD-normalised corrector is used instead. The predictor's ``s`` is uniform on ``[0, T)``
+objectives' gradients adaptively; its rule is not reproduced here -- the rule above (or a fixed
+weight) on a DMD-normalised corrector is used instead. The predictor's ``s`` is uniform on ``[0, T)``
 (``time_sampler`` draws ``T - s``) and the corrector's ``r`` uniform on ``[r_min, r_max] T``;
 the paper's own distributions are not reproduced. Guidance comes with the teacher
 (``teacher.guidance``, bound by the train loop): FreeFlow distils whatever field the teacher
@@ -145,7 +150,7 @@ def freeflow_loss(params, batch, key, *, net, teacher, critic, ema_params=None, 
   corr, move, gap = corrector(one_step(net, params, x_T, cond, cfg), teacher, critic, kc, cond,
                               cfg)
   weight = cfg.corrector_weight
-  if cfg.balance == "adaptive":  # the corrector's step in F as large as the predictor's
+  if cfg.balance == "adaptive":  # the corrector's gradient in F half the predictor's (rms)
     weight = weight * sg(_rms(res) / (path.T * _rms(move) + 1e-8))
   elif cfg.balance != "fixed":
     raise ValueError(f"balance must be 'adaptive' or 'fixed', got {cfg.balance!r}")

@@ -29,7 +29,10 @@ denoisers ``D`` and ``Delta = D_fake - D_real = sigma^2 / alpha (s_fake - s_real
 Both use the student's rollout (1 step by default) and are consistency-style students (flow map
 to ``s = 0``, consistency multistep sampling). Deviations: the fake score is trained by velocity
 flow matching at the generator's noise-level distribution (ProlificDreamer: LoRA diffusion loss;
-SiD: EDM's loss and log-normal noise), VSD's noise range is not annealed.
+SiD: EDM's loss and log-normal noise), VSD's noise range is not annealed, and VSD's
+``omega(t) = sigma(t)^2`` is the student's path's (DreamFusion's is the VP one, at the same SNR
+``sigma^2 / (alpha^2 + sigma^2)``: on the linear path ours is that times ``alpha^2 + sigma^2``,
+a re-weighting by a factor in ``[0.5, 1]``).
 """
 from __future__ import annotations
 

@@ -40,8 +40,9 @@ the learning rate). The defaults are the paper's recipe; where each value comes 
 
 Remaining deviations: the rollout's step count is drawn at random per step (the official code
 cycles ``N = 1..4`` with the iteration count); the fake score is trained by velocity flow
-matching, which on TrigFlow equals the official ``||x_0 - D_fake||^2 / sin^2 t`` for
-``sigma_d = 1`` (``sin^2 t`` becomes ``sigma^2(t)`` otherwise); the student is updated on every
+matching, which on TrigFlow equals the official ``||x_0 - D_fake||^2 / sin^2 t`` for any
+``sigma_d`` (``D = cos t x_t - sin t v``, so a velocity error is the denoiser's over
+``sin t``); the student is updated on every
 step (the official loop alternates iterations, so per student update it sees 4 critic updates,
 as here); no NaN masking of examples (the train step skips a non-finite update as a whole).
 """

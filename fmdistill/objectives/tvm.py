@@ -27,9 +27,12 @@ flow-matching term at an independent ``s' ~ logit-normal(s_mean, s_std)`` on the
 Both terms are per-example means over dimensions, unweighted; the terminal term is zero where
 ``s = t``. CFG: ``v~ = omega v + (1 - omega) F^-(x_s', s', s' | null)`` (label dropout 0.1).
 
-Changes from the paper: ``omega`` is fixed (the paper feeds ``1/omega`` to the network and
-samples it; our networks take no guidance input yet), so its ``1/omega`` loss scaling and
-output scaling (``do_scale_param``) are a constant factor and are omitted; the paper's
+Changes from the paper: ``omega`` is fixed and not a network input (the paper feeds
+``1/omega`` to the network; its released ImageNet config fixes ``cfg = 2``); its output scaling
+by ``omega`` and loss scaling by ``1/omega^2`` (``do_scale_param``) are omitted -- in its code
+they apply to labelled rows only (dropped-label rows get scale 1), so measured in our output
+units it weighs labelled rows ``1/omega^2`` against unconditional ones (1/4 at ``omega = 2``),
+where every row weighs the same here: the same fixed point, different training dynamics; the paper's
 semi-Lipschitz DiT changes (modulated normalisation, spectral initialisation) are not in our
 models (``model.qk_norm=True`` is, and the digits config uses it); the fused Flash-attention
 JVP kernel with backward is ``fmdistill.pallas`` (``model.attn_impl='pallas'``).
