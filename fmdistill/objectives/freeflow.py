@@ -41,8 +41,8 @@ its *own* path. In our notation (``t = T`` noise; the paper's ``delta`` is ``T -
 Changes from the paper (whose training code is not public): the paper balances the two
 objectives' gradients adaptively; its rule is not reproduced here -- the rule above (or a fixed
 weight) on a DMD-normalised corrector is used instead. The predictor's ``s`` is uniform on
-``[0, T)`` (``time_sampler`` draws ``T - s``) and the corrector's ``r`` uniform on ``[r_min, r_max] T``;
-the paper's own distributions are not reproduced. Guidance comes with the teacher
+``[0, T)`` (``time_sampler`` draws ``T - s``) and the corrector's ``r`` uniform on
+``[r_min, r_max] T``; the paper's own distributions are not reproduced. Guidance comes with the teacher
 (``teacher.guidance``, bound by the train loop): FreeFlow distils whatever field the teacher
 generates with.
 

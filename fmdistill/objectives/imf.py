@@ -49,8 +49,8 @@ fixed ``[guidance_t_min, guidance_t_max]``. Dropped labels get ``omega = 1`` (th
 keeps the drawn scale with the null label; the target is ``v`` either way), and their JVP
 tangent is the network's own null-label velocity ``v_theta(z_t | null, 1)`` (the official code's
 tangent for those rows is the conditional ``v_c``, computed before the labels are dropped).
-(2) Folded into the target with a fixed ``omega`` as the paper's MF baseline does (its CFG equation, with
-MeanFlow's ``kappa``): ``v~ = omega v + kappa v_theta(z_t | c) + (1 - omega - kappa)
+(2) Folded into the target with a fixed ``omega`` as the paper's MF baseline does (its CFG
+equation, with MeanFlow's ``kappa``): ``v~ = omega v + kappa v_theta(z_t | c) + (1 - omega - kappa)
 v_theta(z_t | null)`` under ``stop_gradient``, applied for ``t`` in ``[guidance_t_min,
 guidance_t_max]`` (``omega = 1`` outside, and for dropped labels); ``guidance`` /
 ``guidance_kappa``, no network input.
