@@ -25,6 +25,8 @@ load a pickle you made). Converting the pytorch-fid weights (on a machine with P
     np.savez("inception.npz", **{k: v.numpy() for k, v in sd.items()})
 
 ``save_weights`` writes params in this layout (used by the tests' round trip).
+``benchmarks/inception_parity.py`` checks network, preprocessing and this conversion against
+pytorch-fid's ``InceptionV3`` with random weights (features equal to ~1e-6 relative).
 
 **Reference statistics** ``(mu, sigma)`` are cached in the report directory as
 ``fid_stats_<dataset>_<split>_<n>_<weights sha256[:16]>.npz``: a changed weight file or split is
