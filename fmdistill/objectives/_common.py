@@ -103,6 +103,16 @@ def require(cfg, *, param: str | None = None, path: str | None = None, method: s
     raise ValueError(f"{method} is written for path={path!r}, got {cfg.path!r}")
 
 
+def check_fields(config, checks) -> None:
+  """A registry ``check``'s body: ``ConfigError`` naming the first ``(field, ok, accepted)`` of
+  ``checks`` that is not ``ok`` as ``config.objective.<field>`` with its value."""
+  from fmdistill.errors import ConfigError
+  for field, ok, accepted in checks:
+    if not ok:
+      raise ConfigError(f"config.objective.{field}={config.objective[field]!r} is invalid; "
+                        f"accepted: {accepted}")
+
+
 # ----------------------------------------------------------------------------- guidance input
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fmdistill import flowmap, paths, sampling
+from fmdistill.errors import ConfigError
 from fmdistill.objectives import _common
 from fmdistill.paths import bcast
 
@@ -66,14 +67,43 @@ def conditioning(key: Array, batch: dict, cfg) -> Any:
   return _common.drop_labels(key, batch.get("cond"), cfg)
 
 
+def problem(cfg) -> str | None:
+  """``'objective.<field>=<value> is invalid; accepted: ...'`` for the first bad value of the
+  machinery's fields (and DMD2's GAN fields, where present), else ``None``."""
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+  checks = [
+      ("noise_time", cfg.noise_time in NOISE_TIMES, list(NOISE_TIMES)),
+      ("rollout_times", cfg.rollout_times in ROLLOUT_TIMES, list(ROLLOUT_TIMES)),
+      ("rollout_steps", is_int(cfg.rollout_steps) and cfg.rollout_steps >= 1,
+       "an integer >= 1"),
+      ("rollout_gamma", 0.0 <= cfg.rollout_gamma <= 1.0, "[0, 1]"),
+      ("noise_min", 0.0 <= cfg.noise_min < cfg.noise_max, "[0, noise_max)"),
+      ("noise_max", cfg.noise_max <= 1.0, "(noise_min, 1]"),
+      ("noise_shift", cfg.noise_shift > 0, "> 0 (1: no shift)")]
+  if "gan_t_max" in cfg:
+    checks += [("gan_t_max", 0.0 < cfg.gan_t_max <= 1.0, "(0, 1]"),
+               ("gan_weight", cfg.gan_weight >= 0, ">= 0 (0: no GAN term)"),
+               ("gan_critic_weight", cfg.gan_critic_weight >= 0, ">= 0")]
+  for field, ok, accepted in checks:
+    if not ok:
+      return f"objective.{field}={cfg[field]!r} is invalid; accepted: {accepted}"
+  return None
+
+
 def check(cfg) -> None:
-  """A one-line error for a bad value of the machinery's fields."""
-  if cfg.noise_time not in NOISE_TIMES:
-    raise ValueError(f"noise_time must be one of {NOISE_TIMES}, got {cfg.noise_time!r}")
-  if cfg.rollout_times not in ROLLOUT_TIMES:
-    raise ValueError(f"rollout_times must be one of {ROLLOUT_TIMES}, got {cfg.rollout_times!r}")
-  if cfg.rollout_steps < 1:
-    raise ValueError(f"rollout_steps must be >= 1, got {cfg.rollout_steps}")
+  """A one-line ``ValueError`` for a bad value of the machinery's fields (a loss called
+  directly, e.g. from a notebook)."""
+  bad = problem(cfg)
+  if bad:
+    raise ValueError(bad)
+
+
+def check_config(config) -> None:
+  """The registry's ``check`` for a method built on this machinery: ``ConfigError`` naming
+  ``config.objective.<field>`` before anything runs."""
+  bad = problem(config.objective)
+  if bad:
+    raise ConfigError(f"config.{bad}")
 
 
 # ----------------------------------------------------------------------------- noise levels

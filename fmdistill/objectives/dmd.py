@@ -185,13 +185,13 @@ DISC = objectives.Part(init=init_disc, loss=disc_loss, updates=5, optimizer=(("l
 
 objectives.register(objectives.Objective(
     name="dmd", loss=dmd_loss, defaults=defaults, needs_teacher=True,
-    parts={"critic": critic_part(5)}, consistency=True,
+    check=_score.check_config, parts={"critic": critic_part(5)}, consistency=True,
     doc="distribution matching distillation with a fake-score critic (5 critic updates/step)"))
 objectives.register(objectives.Objective(
     name="dmd_v1", loss=dmd_loss, defaults=v1_defaults, needs_teacher=True, batch="teacher_pairs",
-    parts={"critic": critic_part(1)}, consistency=True,
+    check=_score.check_config, parts={"critic": critic_part(1)}, consistency=True,
     doc="DMD: distribution matching + 0.25 x regression on cached teacher (noise, output) pairs"))
 objectives.register(objectives.Objective(
     name="dmd2", loss=dmd_loss, defaults=dmd2_defaults, needs_teacher=True,
-    parts={"critic": critic_part(5), "disc": DISC}, consistency=True,
+    check=_score.check_config, parts={"critic": critic_part(5), "disc": DISC}, consistency=True,
     doc="DMD2: two-time-scale critic (5:1), backward simulation, optional GAN head on the critic"))

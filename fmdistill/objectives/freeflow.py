@@ -176,8 +176,19 @@ def critic_loss(critic_params, student_params, batch, key, *, net, apply, teache
 CRITIC = objectives.Part(init="teacher", network="teacher", loss=critic_loss, updates=1,
                          optimizer=(("lr", 1e-3),))
 
+def check(config) -> None:
+  """Config checks (run by ``config.validate``)."""
+  o = config.objective
+  _common.check_fields(config, [
+      ("balance", o.balance in ("adaptive", "fixed"), ["adaptive", "fixed"]),
+      ("corrector_weight", o.corrector_weight >= 0, ">= 0"),
+      ("r_min", 0.0 <= o.r_min < o.r_max, "[0, r_max)"),
+      ("r_max", o.r_max <= 1.0, "(r_min, 1]")])
+
+
 objectives.register(objectives.Objective(
     name="freeflow", loss=freeflow_loss, defaults=defaults, needs_teacher=True, batch="prior",
+    check=check,
     parts={"critic": CRITIC}, tangent=True,
     doc="FreeFlow: data-free flow-map distillation from prior samples (predictor: the "
         "student's generating velocity follows the teacher; corrector: noising marginals)"))

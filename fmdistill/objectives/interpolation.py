@@ -103,9 +103,9 @@ CRITIC = objectives.Part(init=_score.init_critic, network=_score.critic_network,
 
 objectives.register(objectives.Objective(
     name="vsd", loss=vsd_loss, defaults=vsd_defaults, needs_teacher=True,
-    parts={"critic": CRITIC}, consistency=True,
+    check=_score.check_config, parts={"critic": CRITIC}, consistency=True,
     doc="VSD: integrated-KL score distillation, eps-weighting sigma^2, fake score 1:1"))
 objectives.register(objectives.Objective(
     name="sid", loss=sid_loss, defaults=sid_defaults, needs_teacher=True,
-    parts={"critic": CRITIC}, consistency=True,
+    check=_score.check_config, parts={"critic": CRITIC}, consistency=True,
     doc="SiD: Fisher-divergence score identity distillation (alpha = 1.2), fake score 1:1"))

@@ -98,5 +98,6 @@ CRITIC = objectives.Part(init=_score.init_critic, network=_score.critic_network,
 
 objectives.register(objectives.Objective(
     name="rcm", loss=rcm_loss, defaults=defaults, needs_teacher=True,
-    parts={"weighting": scm.WEIGHTING, "critic": CRITIC}, tangent=True, consistency=True,
+    check=_score.check_config, parts={"weighting": scm.WEIGHTING, "critic": CRITIC},
+    tangent=True, consistency=True,
     doc="rCM: sCM distillation + 0.01 x DMD, fake score 4:1 after the tangent warmup"))

@@ -117,7 +117,15 @@ def tvm_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=0, 
                 "tangent_rms": jnp.sqrt(jnp.mean(_common.mean_sq(dF)))}
 
 
+def check(config) -> None:
+  """Config checks (run by ``config.validate``)."""
+  o = config.objective
+  _common.check_fields(config, [("s_std", o.s_std >= 0, ">= 0"),
+                                ("gap_std", o.gap_std >= 0, ">= 0"),
+                                ("fm_weight", o.fm_weight >= 0, ">= 0")])
+
+
 objectives.register(objectives.Objective(
-    name="tvm", loss=tvm_loss, defaults=defaults, tangent=True,
+    name="tvm", loss=tvm_loss, defaults=defaults, tangent=True, check=check,
     doc="terminal velocity matching from scratch: d/ds f(x_t, t, s) = v(f, s), gradient "
         "through the jvp tangent, plus flow matching"))

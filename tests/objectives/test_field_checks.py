@@ -1,0 +1,65 @@
+"""Bad objective fields of the distribution-matching family, rCM, TVM and FreeFlow are refused by
+``config.validate`` -- one line naming ``config.objective.<field>`` and what it accepts -- before
+a workdir exists, instead of training on a silently wrong distribution (a negative shift or a GAN
+time beyond ``T`` used to train; rCM's ``r = k u / (1 + (k - 1) u)`` with ``k < 0`` has a pole
+in ``(0, 1)``). Every shipped config of these methods validates."""
+import os
+import sys
+
+import pytest
+
+from fmdistill import config as config_lib, objectives
+from fmdistill.errors import ConfigError
+from fmdistill.objectives import _score
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import digits  # noqa: E402
+import imagenet  # noqa: E402
+import toy2d  # noqa: E402
+
+METHODS = ("dmd", "dmd_v1", "dmd2", "vsd", "sid", "rcm", "tvm", "freeflow")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_shipped_config_of_the_method_validates(method):
+  configs = [toy2d.get_config(method), digits.get_config(method)]
+  if method == "rcm":  # the one of these methods the paper-scale files carry
+    configs.append(imagenet.get_config(method))
+  for c in configs:
+    config_lib.validate(c)
+  assert objectives.entry(method).check is not None
+
+
+BAD = [
+    ("dmd2", "rollout_steps", 0, "an integer >= 1"),
+    ("dmd2", "rollout_times", "bogus", "['uniform', 'random']"),
+    ("dmd2", "gan_t_max", 2.0, "(0, 1]"),
+    ("dmd2", "gan_weight", -1.0, ">= 0"),
+    ("dmd", "noise_time", "edm", "['uniform', 'karras', 'shift']"),
+    ("sid", "noise_max", 1.5, "(noise_min, 1]"),
+    ("vsd", "noise_min", 0.99, "[0, noise_max)"),
+    ("rcm", "noise_shift", -1.0, "> 0"),
+    ("rcm", "rollout_gamma", 2.0, "[0, 1]"),
+    ("tvm", "gap_std", -1.0, ">= 0"),
+    ("freeflow", "balance", "equal", "['adaptive', 'fixed']"),
+    ("freeflow", "r_max", 1.5, "(r_min, 1]"),
+]
+
+
+@pytest.mark.parametrize("method,field,value,accepted", BAD)
+def test_a_bad_field_is_one_line_naming_it(method, field, value, accepted):
+  c = toy2d.get_config(method)
+  c.objective[field] = value
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  msg = str(e.value)
+  assert msg.startswith(f"config.objective.{field}={value!r} is invalid; accepted: "), msg
+  assert accepted in msg and "\n" not in msg
+
+
+def test_a_loss_called_directly_checks_the_same_fields():
+  cfg = objectives.default_config("dmd2")
+  cfg.noise_shift = 0.0
+  with pytest.raises(ValueError, match=r"objective\.noise_shift=0\.0 is invalid"):
+    _score.check(cfg)
