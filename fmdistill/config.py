@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from fmdistill import flowmap, models, objectives, parallel, paths, sampling, state as state_lib
+from fmdistill.objectives import _common as objective_fields
 from fmdistill import data as data_lib
 from fmdistill.data import toy
 from fmdistill.errors import ConfigError
@@ -139,6 +140,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   o = c.objective
   if objectives.entry(c.method).check is not None:
     objectives.entry(c.method).check(c)
+  bad = objective_fields.field_problem(o)  # fields shared by methods (e.g. num_classes)
+  if bad:
+    raise ConfigError(f"config.{bad}")
   _check(o.path in paths.PATHS, "objective.path", o.path, sorted(paths.PATHS))
   _check(o.param in flowmap.PARAMETERIZATIONS, "objective.param", o.param,
          list(flowmap.PARAMETERIZATIONS))

@@ -103,6 +103,50 @@ def require(cfg, *, param: str | None = None, path: str | None = None, method: s
     raise ValueError(f"{method} is written for path={path!r}, got {cfg.path!r}")
 
 
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _at_least(low: float, integer: bool = False):
+  return lambda v, o: (_int(v) if integer else True) and v >= low
+
+
+# Objective fields that mean the same in every method that has them: ``name -> (ok(value,
+# objective), accepted)``; ``config.validate`` applies them (any ``*_weight`` number: >= 0).
+FIELD_RULES = {
+    "num_classes": (_at_least(0, True), "an integer >= 0 (0: unconditional)"),
+    **{k: (_at_least(0), ">= 0") for k in (
+        "time_std", "p_std", "s_std", "gap_std", "huber_c", "adaptive_c", "tangent_c", "norm_c",
+        "time_fd", "t_min", "adaptive_p", "norm_p", "relax_p")},
+    **{k: (_at_least(0, True), "an integer >= 0") for k in (
+        "tangent_warmup", "dmd_start", "curriculum_steps")},
+    **{k: (_at_least(1, True), "an integer >= 1") for k in (
+        "pair_steps", "max_solver_steps", "weight_freqs", "ect_stages", "group_size", "s0")},
+    "s1": (lambda v, o: _int(v) and v >= o.get("s0", 1), "an integer >= s0"),
+    "equal_ratio": (lambda v, o: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "order": (lambda v, o: v in (1, 2), [1, 2]),
+    "num_scales": (_at_least(2, True), "an integer >= 2"),
+    "sigma_min": (lambda v, o: v > 0, "> 0"),
+    "sigma_max": (lambda v, o: v > o.get("sigma_min", 0), "> sigma_min"),
+    "rho": (lambda v, o: v > 0, "> 0"),
+    "kernel_scale": (lambda v, o: v > 0, "> 0"),
+    "t_max": (lambda v, o: v > o.get("t_min", 0), "> t_min"),
+}
+
+
+def field_problem(o) -> str | None:
+  """``'objective.<field>=<value> is invalid; accepted: ...'`` for the first field of the
+  objective config ``o`` that breaks ``FIELD_RULES``, else ``None``."""
+  for name, v in o.items():
+    rule = FIELD_RULES.get(name)
+    if rule is None and name.endswith("_weight") and isinstance(v, (int, float)) \
+       and not isinstance(v, bool):
+      rule = (_at_least(0), ">= 0")
+    if rule is not None and not rule[0](v, o):
+      return f"objective.{name}={v!r} is invalid; accepted: {rule[1]}"
+  return None
+
+
 def check_fields(config, checks) -> None:
   """A registry ``check``'s body: ``ConfigError`` naming the first ``(field, ok, accepted)`` of
   ``checks`` that is not ``ok`` as ``config.objective.<field>`` with its value."""

@@ -63,3 +63,39 @@ def test_a_loss_called_directly_checks_the_same_fields():
   cfg.noise_shift = 0.0
   with pytest.raises(ValueError, match=r"objective\.noise_shift=0\.0 is invalid"):
     _score.check(cfg)
+
+
+SHARED = [  # fields that mean the same in every method that has them (_common.FIELD_RULES)
+    ("flow_matching", "num_classes", -1, "an integer >= 0"),
+    ("meanflow", "equal_ratio", 1.5, "a fraction in [0, 1]"),
+    ("fmm_forward", "order", 3, "[1, 2]"),
+    ("ctm", "sigma_max", 0.001, "> sigma_min"),
+    ("cm_ct", "s1", 1, "an integer >= s0"),
+    ("fmm_forward_self", "fm_weight", -1.0, ">= 0"),
+    ("scm_cd", "tangent_warmup", -5, "an integer >= 0"),
+    ("imm", "t_max", 0.0, "> t_min"),
+    ("imm", "group_size", 0, "an integer >= 1"),
+    ("ctm", "num_scales", 1, "an integer >= 2"),
+]
+
+
+@pytest.mark.parametrize("method,field,value,accepted", SHARED)
+def test_a_bad_shared_field_is_one_line_naming_it(method, field, value, accepted):
+  test_a_bad_field_is_one_line_naming_it(method, field, value, accepted)
+
+
+def test_every_shipped_config_validates():
+  """Every variant of every experiment file (the rules above refuse none of them)."""
+  import cifar10  # noqa: E402
+  n = 0
+  for module in (toy2d, digits, cifar10, imagenet):
+    for method in objectives.names():
+      try:
+        c = module.get_config(method)
+      except ConfigError as e:  # a file without that method says so
+        assert "has no" in str(e), e
+        continue
+      for stage in ([c.stages[s] for s in c.stage_order] if "stage_order" in c else [c]):
+        config_lib.validate(stage)
+        n += 1
+  assert n > 60, n
