@@ -7,7 +7,11 @@ In our notation ``f(x_t, t, s) = x_s`` (the seed's ``Phi_{t -> s}``), displaceme
 
 * ``order = 1``: ``G = NN_theta``           (``f = x + (s - t) NN``),
 * ``order = 2``: ``G = v(x, t) + (s - t) NN_theta`` (``f = x + (s - t) v + (s - t)^2 NN``, with
-  the frozen teacher velocity ``v``; ``flowmap.second_order``).
+  the frozen teacher velocity ``v``; ``flowmap.second_order``). The velocity is taken at the
+  jump's source time ``t``; the seed writes ``v_t`` at its target time (our ``s``): both have
+  ``d_s f = v`` at ``s = t``, and the source-time form needs no ``d_s v`` of the teacher (which
+  a stop-gradient teacher's JVP would silently zero). Pairs drawn with ``s = t``
+  (``equal_ratio``) carry no loss at this order (``G = v`` there).
 
 Seed ``004_*`` losses, with the map's residuals computed by ``jax.jvp``:
 
@@ -22,7 +26,11 @@ is turned into a regression target for ``G`` under ``stop_gradient`` (``theta^- 
 
 so ``G_theta - G_tgt`` equals minus the backward residual / the forward residual at
 ``theta = theta^-`` (plain MSE, no normalisation or weighting: that is what distinguishes these
-from AYF). Distillation (``fmm_forward``, ``fmm_backward``) uses the teacher's velocity;
+from AYF). Deviation from Boffi et al.'s code: there the gradient flows through the time
+derivative (their ``lsd``/``esd`` terms regress ``d_t X`` / ``d_s X`` onto the stop-gradient
+velocity) and each term is scaled by a learned weight ``exp(-w) L + w``; here the derivative is
+under ``stop_gradient`` and the gradient flows through ``G`` only (MeanFlow-style): the same
+fixed point, without the ``(s - t) d_theta(d_s G)`` part of the gradient, and unweighted. Distillation (``fmm_forward``, ``fmm_backward``) uses the teacher's velocity;
 self-distillation (``*_self``, no teacher) uses the student's own instantaneous velocity
 ``v^ = sg(NN_theta(x, t, t))`` and adds the flow-matching loss ``||NN(x_t, t, t) - v(x_t|x_0)||^2``
 on the diagonal. Limits: the second-order form needs a teacher and the forward loss (its
@@ -156,13 +164,26 @@ fmm_backward_loss = _loss("backward", False)
 fmm_forward_self_loss = _loss("forward", True)
 fmm_backward_self_loss = _loss("backward", True)
 
+def _check(direction: str, self_distill: bool):
+  """Config checks (``config.validate``): the combinations the losses cannot honour."""
+  def check(config) -> None:
+    o = config.objective
+    _common.check_fields(config, [
+        ("order", o.order == 1 or (direction == "forward" and not self_distill),
+         "1 (the second order needs a teacher and the forward loss)"),
+        ("velocity", self_distill or direction == "backward" or o.velocity == "teacher",
+         "'teacher' (the forward loss follows the teacher's velocity at the map's endpoint; "
+         "'conditional' would be ignored)")])
+  return check
+
+
 for _name, _fn, _self in (("fmm_forward", fmm_forward_loss, False),
                           ("fmm_backward", fmm_backward_loss, False),
                           ("fmm_forward_self", fmm_forward_self_loss, True),
                           ("fmm_backward_self", fmm_backward_self_loss, True)):
   objectives.register(objectives.Objective(
       name=_name, loss=_fn, defaults=self_defaults if _self else defaults,
-      needs_teacher=not _self, tangent=True,
+      needs_teacher=not _self, tangent=True, check=_check(_name.split("_")[1], _self),
       samples_with_teacher=None if _self else samples_with_teacher,
       sampling_net=None if _self else sampling_net,
       doc=_fn.__doc__))

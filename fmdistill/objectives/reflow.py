@@ -4,14 +4,17 @@ section 1 "ReFlow"; seed ``001_*`` "ReFlow").
 A round of ReFlow is flow matching on a *coupling* instead of independent noise and data: the
 previous round (the teacher, a velocity model) integrates its ODE from noise ``z`` at ``t = T``
 to its endpoint ``x_1 = ODE_teacher(z)`` (the cached teacher pairs, ``batch['traj'][:, 0]`` and
-``[:, -1]``), and the student learns the velocity of the straight interpolation between them:
+``[:, -1]``), and the student learns the velocity of the path's interpolation between them
+(straight on the linear path, the only one on which Liu et al.'s straightening holds):
 
     L(theta) = E_{(z, x_1), t} || v_theta(x_t, t) - (alpha'(t) x_1 + sigma'(t) eps) ||^2,
     x_t = alpha(t) x_1 + sigma(t) eps,   eps = z / sigma(T)
 
 (on the linear path ``x_t = (1 - t) x_1 + t z`` and the target is ``z - x_1``, the seed's
 ``target_velocity = z_1 - z_0`` in our time direction). Each round keeps the marginals at both
-ends (``x_1`` has the teacher's distribution, ``z`` is the noise) and straightens the flow: the
+ends (``x_1`` has the teacher's distribution, ``z`` is the noise) and, on the linear path,
+straightens the flow (on ``trigflow``/``vp`` the interpolation is curved and no such bound is
+claimed): the
 straightness ``S(Z) = int_0^1 E||(Z_1 - Z_0) - dZ_t/dt||^2 dt`` (``fmdistill.eval.straightness``)
 of a rectified coupling is no larger than that of the one it came from. Rounds are a stage chain
 (``fmdistill.chains.reflow``): teacher -> pairs -> flow matching on the pairs -> next round. The

@@ -18,7 +18,8 @@ import digits  # noqa: E402
 import imagenet  # noqa: E402
 import toy2d  # noqa: E402
 
-METHODS = ("dmd", "dmd_v1", "dmd2", "vsd", "sid", "rcm", "tvm", "freeflow")
+METHODS = ("dmd", "dmd_v1", "dmd2", "vsd", "sid", "rcm", "tvm", "freeflow", "fmm_forward",
+           "fmm_backward", "fmm_forward_self", "fmm_backward_self")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -44,6 +45,9 @@ BAD = [
     ("tvm", "gap_std", -1.0, ">= 0"),
     ("freeflow", "balance", "equal", "['adaptive', 'fixed']"),
     ("freeflow", "r_max", 1.5, "(r_min, 1]"),
+    ("fmm_forward", "velocity", "conditional", "'teacher'"),  # the forward loss ignored it
+    ("fmm_backward", "order", 2, "1 (the second order needs"),
+    ("fmm_forward_self", "order", 2, "1 (the second order needs"),
 ]
 
 
