@@ -30,8 +30,9 @@ from AYF). Deviation from Boffi et al.'s code: there the gradient flows through 
 derivative (their ``lsd``/``esd`` terms regress ``d_t X`` / ``d_s X`` onto the stop-gradient
 velocity) and each term is scaled by a learned weight ``exp(-w) L + w``; here the derivative is
 under ``stop_gradient`` and the gradient flows through ``G`` only (MeanFlow-style): the same
-fixed point, without the ``(s - t) d_theta(d_s G)`` part of the gradient, and unweighted. Distillation (``fmm_forward``, ``fmm_backward``) uses the teacher's velocity;
-self-distillation (``*_self``, no teacher) uses the student's own instantaneous velocity
+fixed point, without the ``(s - t) d_theta(d_s G)`` part of the gradient, and unweighted.
+Distillation (``fmm_forward``, ``fmm_backward``) uses the teacher's velocity; self-distillation
+(``*_self``, no teacher) uses the student's own instantaneous velocity
 ``v^ = sg(NN_theta(x, t, t))`` and adds the flow-matching loss ``||NN(x_t, t, t) - v(x_t|x_0)||^2``
 on the diagonal. Limits: the second-order form needs a teacher and the forward loss (its
 backward residual would need the teacher's own time derivative, which the train loop's
