@@ -19,7 +19,9 @@ gradients (seed ``001_*``):
       L_LMD = E || F_theta - F^- + g ||^2,  g = n(d_s f^- - v(f^-, s)).
 
 Both use sCM's stabilisers as AYF does: tangent normalisation ``n(g) = g / (||g|| + c)`` and the
-tangent warmup ``r`` on the network-derivative term (``(s - t) dF^-/dt``), ramped 0 -> 1.
+tangent warmup ``r`` on the network-derivative term (``(s - t) dF^-/dt``), ramped 0 -> 1
+(public re-implementations of AYF's "regularized tangent warmup" stop at ``r = 0.99``; the paper's
+own value was not checked here, and no cap is offered).
 Only the gradients are meaningful. EMD may follow the conditional velocity (training from
 scratch); LMD needs a teacher. Deviations: the same ``'rms'`` norm as ``scm``; the optional
 learned weighting ``w_phi(t, s)`` (``adaptive_weight``) is off by default; (t, s) pairs come

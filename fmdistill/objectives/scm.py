@@ -24,7 +24,10 @@ teacher's (optionally guided) velocity for consistency distillation (``scm_cd``)
 
 Deviations: ``tangent_norm='rms'`` (default) divides ``||g||`` by ``sqrt(D)``, so ``c = 0.1`` is
 size independent (``'l2'`` is the paper's form); ``w_phi`` is one linear layer over fixed
-Fourier features of ``t`` (the paper uses the network's own time embedding).
+Fourier features of ``t`` (the paper uses the network's own time embedding); ``sigma_d``
+defaults to 1 (the paper's image setting is 0.5, for which its ``P_mean = -1.0``,
+``P_std = 1.4`` were tuned); ``t`` is clipped to ``[t_min, pi/2 - t_min]``, ``t_min = 1e-3``; the
+tangent warmup is 1000 steps (the paper's 10k is for ImageNet-scale runs).
 """
 from __future__ import annotations
 
