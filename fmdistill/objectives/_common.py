@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fmdistill import flowmap, paths
+from fmdistill.errors import ConfigError
 
 Array = jax.Array
 
@@ -150,7 +151,6 @@ def field_problem(o) -> str | None:
 def check_fields(config, checks) -> None:
   """A registry ``check``'s body: ``ConfigError`` naming the first ``(field, ok, accepted)`` of
   ``checks`` that is not ``ok`` as ``config.objective.<field>`` with its value."""
-  from fmdistill.errors import ConfigError
   for field, ok, accepted in checks:
     if not ok:
       raise ConfigError(f"config.objective.{field}={config.objective[field]!r} is invalid; "
