@@ -177,8 +177,9 @@ def bind(teacher: Teacher | None, params: Any, config) -> Callable | None:
 
 def unbound(teacher: Teacher, config) -> tuple[Callable, Any]:
   """``(fn(params, x, t, s, cond), teacher.params)``: ``bind`` with the weights left as an
-  argument (``objectives.sampling_network``'s teacher)."""
-  return (lambda params, *args: bind(teacher, params, config)(*args)), teacher.params
+  argument (``objectives.sampling_network``'s teacher); ``fn`` holds no weights."""
+  bare = dataclasses.replace(teacher, params=None)
+  return (lambda params, *args: bind(bare, params, config)(*args)), teacher.params
 
 
 def sampling_run(run: runs.Run) -> runs.Run:

@@ -45,6 +45,8 @@ def sampler_fn(config: ml_collections.ConfigDict, net: Any, n: int, nfe: int, *,
                      "raw one")
   if guidance_interval is None:
     guidance_interval = config.eval.get("guidance_interval", ())
+  if isinstance(net, objectives.SamplingNet):
+    net = net.without_weights()  # the cache's key keeps no teacher weights alive
   return _sampler_fn(net, tuple(config.data_shape), o.path, o.sigma_d, o.param, o.num_classes,
                      sampler, nfe, config.eval.solver, config.eval.gamma, guidance, n,
                      bool(config.model.get("guidance_embed", False)),

@@ -198,14 +198,19 @@ def get(name: str) -> Loss:
   return entry(name).loss
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (the samplers' caches)
+@dataclasses.dataclass(frozen=True)
 class SamplingNet:
   """The network a run that samples through its frozen teacher is sampled with:
   ``net(params, x, t, s, cond)`` with ``params = {'student': ..., 'teacher': ...}``
   (``params_for``), so the teacher's weights reach a jitted sampler as an argument rather than
-  as constants compiled into it (a large teacher would be copied into every program)."""
-  fn: Callable  # fn(student_params, teacher_params, x, t, s, cond)
-  teacher_params: Any
+  as constants compiled into it (a large teacher would be copied into every program). Equal and
+  hashed by ``fn`` alone: ``without_weights()`` is the same network for the samplers' caches,
+  which so keep no teacher weights alive."""
+  fn: Callable  # fn(student_params, teacher_params, x, t, s, cond); holds no weights
+  teacher_params: Any = dataclasses.field(compare=False, repr=False)
+
+  def without_weights(self) -> "SamplingNet":
+    return dataclasses.replace(self, teacher_params=None)
 
   def __call__(self, params, x, t, s, cond=None):
     return self.fn(params["student"], params["teacher"], x, t, s, cond)

@@ -109,6 +109,23 @@ def test_a_zero_correction_samples_exactly_the_teachers_euler_step(runs_pair):
   assert float(np.max(np.abs(got - noise))) > 0.1
 
 
+def test_the_samplers_cache_keeps_no_teacher_weights(runs_pair):
+  """The sampler's cache (keyed by the network) reuses its program for the same network and,
+  once a loaded run is dropped, its teacher weights are freed: the cache holds none (before,
+  each load's key held a full teacher, up to 64 of them)."""
+  import gc
+  import weakref
+  _, student_wd = runs_pair
+  first = teacher.load_sampling_run(student_wd)
+  leaf = weakref.ref(jax.tree_util.tree_leaves(first.params["teacher"])[0])
+  fn = evaluate.sampler_fn(first.config, first.net, 8, 2)
+  fn(first.params, jax.random.PRNGKey(0))
+  assert evaluate.sampler_fn(first.config, first.net, 8, 2) is fn
+  del first
+  gc.collect()
+  assert leaf() is None
+
+
 def test_sampling_the_raw_network_of_such_a_run_is_refused(runs_pair):
   _, student_wd = runs_pair
   raw = runs.load_run(student_wd)  # the trained network alone
