@@ -81,9 +81,15 @@ def student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransf
 def part_optimizer(config: ml_collections.ConfigDict, name: str
                    ) -> optax.GradientTransformation:
   """The optimiser of part ``name``; its cosine schedule spans the part's own update count."""
+  return make_optimizer(config.parts[name], max(1, part_updates(config, name)))
+
+
+def part_updates(config: ml_collections.ConfigDict, name: str) -> int:
+  """How many updates part ``name`` makes in a run: ``updates`` at every student step ``k`` of
+  ``[0, train.steps)`` with ``k % every == 0`` and ``k >= start`` (``step``'s schedule)."""
   p = config.parts[name]
-  steps = max(1, (config.train.steps - p.start) // p.every * p.updates)
-  return make_optimizer(p, steps)
+  first = -(-p.start // p.every) * p.every  # the first multiple of ``every`` >= ``start``
+  return len(range(first, config.train.steps, p.every)) * p.updates
 
 
 def ema_names(t: ml_collections.ConfigDict) -> list[str]:

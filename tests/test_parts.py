@@ -118,3 +118,17 @@ def test_dmd_and_rcm_declare_their_parts():
   cfg = objectives.default_config("scm_ct")
   cfg.adaptive_weight = False
   assert scm.parts_for(cfg) == {}
+
+
+def test_each_parts_schedule_spans_the_updates_it_makes(two_parts):
+  """A part's learning-rate schedule is as long as its real update count: 21 steps with
+  ``every=2`` run part ``a`` at 11 steps (33 updates), not 21 // 2 = 10 (a cosine schedule
+  would have ended early and run the last updates at its final rate)."""
+  c, state, step = _setup(two_parts)
+  c.train.steps = 21
+  batch = {"x": jnp.ones((4, 2)), "poison": jnp.zeros((4,))}
+  for _ in range(21):
+    state, _ = step(state, batch, None)
+  for n in ("a", "b", "c"):
+    assert int(state.parts[n].count) == state_lib.part_updates(c, n), n
+  assert state_lib.part_updates(c, "a") == 33
