@@ -109,15 +109,20 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
     def one(ps, key_):
       fn = lambda w: part.loss(w, student, batch, key_, net=net, apply=apply[name], teacher=bound,
                                parts=others, step=k, cfg=ocfg)
-      (loss, _), g = jax.value_and_grad(fn, has_aux=True)(ps.params)
+      (loss, aux), g = jax.value_and_grad(fn, has_aux=True)(ps.params)
       ps, _ = _update_part(ps, popt[name], loss, g, spec.ema_decay)
-      return ps, loss
+      return ps, (loss.astype(jnp.float32),
+                  {m: jnp.asarray(v, jnp.float32) for m, v in aux.items()})
     run = lambda ps: jax.lax.scan(one, ps, jax.random.split(key, spec.updates))
-    idle = lambda ps: (ps, jnp.full((spec.updates,), jnp.nan, jnp.float32))
+
+    def idle(ps):  # NaN figures of the same structure: logged as null, named as non-finite
+      shape = jax.eval_shape(run, ps)[1]
+      return ps, jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shape)
     active = (k % spec.every == 0) & (k >= spec.start)
-    ps, losses = jax.lax.cond(active, run, idle, state.parts[name])
+    ps, (losses, aux) = jax.lax.cond(active, run, idle, state.parts[name])
     state = state.replace(parts={**state.parts, name: ps})
-    return state, {f"{name}_loss": jnp.nanmean(losses), f"{name}_skipped": ps.skipped}
+    metrics = {f"{name}/{m}": jnp.nanmean(v) for m, v in aux.items()}  # the part loss's own
+    return state, {**metrics, f"{name}_loss": jnp.nanmean(losses), f"{name}_skipped": ps.skipped}
 
   def step_fn(state: TrainState, batch: dict, tparams: Any):
     key, k_loss, k_parts = jax.random.split(state.key, 3)
