@@ -135,26 +135,34 @@ FIELD_RULES = {
 }
 
 
+def first_invalid(o, checks) -> str | None:
+  """``'objective.<field>=<value> is invalid; accepted: ...'`` for the first ``(field, ok,
+  accepted)`` of ``checks`` that is not ``ok`` (``o`` the objective config), else ``None``."""
+  for field, ok, accepted in checks:
+    if not ok:
+      return f"objective.{field}={o[field]!r} is invalid; accepted: {accepted}"
+  return None
+
+
 def field_problem(o) -> str | None:
-  """``'objective.<field>=<value> is invalid; accepted: ...'`` for the first field of the
-  objective config ``o`` that breaks ``FIELD_RULES``, else ``None``."""
+  """``first_invalid`` of the objective config ``o`` under ``FIELD_RULES``."""
+  checks = []
   for name, v in o.items():
     rule = FIELD_RULES.get(name)
     if rule is None and name.endswith("_weight") and isinstance(v, (int, float)) \
        and not isinstance(v, bool):
       rule = (_at_least(0), ">= 0")
-    if rule is not None and not rule[0](v, o):
-      return f"objective.{name}={v!r} is invalid; accepted: {rule[1]}"
-  return None
+    if rule is not None:
+      checks.append((name, rule[0](v, o), rule[1]))
+  return first_invalid(o, checks)
 
 
 def check_fields(config, checks) -> None:
   """A registry ``check``'s body: ``ConfigError`` naming the first ``(field, ok, accepted)`` of
   ``checks`` that is not ``ok`` as ``config.objective.<field>`` with its value."""
-  for field, ok, accepted in checks:
-    if not ok:
-      raise ConfigError(f"config.objective.{field}={config.objective[field]!r} is invalid; "
-                        f"accepted: {accepted}")
+  bad = first_invalid(config.objective, checks)
+  if bad:
+    raise ConfigError(f"config.{bad}")
 
 
 # ----------------------------------------------------------------------------- guidance input

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from fmdistill import flowmap, paths, sampling
-from fmdistill.errors import ConfigError
 from fmdistill.objectives import _common
 from fmdistill.paths import bcast
 
@@ -67,14 +66,13 @@ def conditioning(key: Array, batch: dict, cfg) -> Any:
   return _common.drop_labels(key, batch.get("cond"), cfg)
 
 
-def problem(cfg) -> str | None:
-  """``'objective.<field>=<value> is invalid; accepted: ...'`` for the first bad value of the
-  machinery's fields (and DMD2's GAN fields, where present), else ``None``."""
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+def checks(cfg) -> list[tuple[str, bool, Any]]:
+  """``(field, ok, accepted)`` for the machinery's fields (and DMD2's GAN fields, where
+  present), for ``_common.first_invalid``."""
   checks = [
       ("noise_time", cfg.noise_time in NOISE_TIMES, list(NOISE_TIMES)),
       ("rollout_times", cfg.rollout_times in ROLLOUT_TIMES, list(ROLLOUT_TIMES)),
-      ("rollout_steps", is_int(cfg.rollout_steps) and cfg.rollout_steps >= 1,
+      ("rollout_steps", _common._int(cfg.rollout_steps) and cfg.rollout_steps >= 1,
        "an integer >= 1"),
       ("rollout_gamma", 0.0 <= cfg.rollout_gamma <= 1.0, "[0, 1]"),
       ("noise_min", 0.0 <= cfg.noise_min < cfg.noise_max, "[0, noise_max)"),
@@ -84,16 +82,13 @@ def problem(cfg) -> str | None:
     checks += [("gan_t_max", 0.0 < cfg.gan_t_max <= 1.0, "(0, 1]"),
                ("gan_weight", cfg.gan_weight >= 0, ">= 0 (0: no GAN term)"),
                ("gan_critic_weight", cfg.gan_critic_weight >= 0, ">= 0")]
-  for field, ok, accepted in checks:
-    if not ok:
-      return f"objective.{field}={cfg[field]!r} is invalid; accepted: {accepted}"
-  return None
+  return checks
 
 
 def check(cfg) -> None:
   """A one-line ``ValueError`` for a bad value of the machinery's fields (a loss called
   directly, e.g. from a notebook)."""
-  bad = problem(cfg)
+  bad = _common.first_invalid(cfg, checks(cfg))
   if bad:
     raise ValueError(bad)
 
@@ -101,9 +96,7 @@ def check(cfg) -> None:
 def check_config(config) -> None:
   """The registry's ``check`` for a method built on this machinery: ``ConfigError`` naming
   ``config.objective.<field>`` before anything runs."""
-  bad = problem(config.objective)
-  if bad:
-    raise ConfigError(f"config.{bad}")
+  _common.check_fields(config, checks(config.objective))
 
 
 # ----------------------------------------------------------------------------- noise levels
