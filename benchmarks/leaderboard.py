@@ -289,15 +289,8 @@ def main(argv=None) -> None:
   checkpoint and exits 0; elsewhere it ends the process (runs are checkpointed and the cache is
   replaced atomically: a rerun resumes)."""
   args = parse(argv)
-  from fmdistill.errors import Preempted, one_line
-  try:
-    board(args, argv)
-  except Preempted as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(0)
-  except (ValueError, OSError) as e:  # ConfigError, DataError, WorkdirError, FileNotFoundError
-    print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+  import _common
+  _common.entry(lambda: board(args, argv))  # ConfigError, DataError, WorkdirError, OSError
 
 
 def board(args: argparse.Namespace, argv=None) -> None:
