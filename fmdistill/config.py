@@ -18,6 +18,7 @@ from fmdistill import flowmap, models, objectives, parallel, paths, sampling, st
 from fmdistill.objectives import _common as objective_fields
 from fmdistill import data as data_lib
 from fmdistill.data import toy
+from fmdistill import errors
 from fmdistill.errors import ConfigError
 
 _DATA = dict(name="toy", toy="checkerboard", num_examples=4096, conditional=False,
@@ -115,7 +116,7 @@ def chain(stages: list[tuple[str, ml_collections.ConfigDict]],
 
 def _check(ok: bool, field: str, value, accepted) -> None:
   if not ok:
-    raise ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
+    raise errors.invalid(field, value, accepted)
 
 
 def _int(v) -> bool:
@@ -142,7 +143,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     objectives.entry(c.method).check(c)
   bad = objective_fields.field_problem(o)  # fields shared by methods (e.g. num_classes)
   if bad:
-    raise ConfigError(f"config.{bad}")
+    raise bad
   _check(o.path in paths.PATHS, "objective.path", o.path, sorted(paths.PATHS))
   _check(o.param in flowmap.PARAMETERIZATIONS, "objective.param", o.param,
          list(flowmap.PARAMETERIZATIONS))

@@ -19,6 +19,13 @@ class ConfigError(ValueError):
   the accepted values."""
 
 
+def invalid(field: str, value, accepted) -> "ConfigError":
+  """The one line every config check gives for a bad value, as a ``ConfigError``:
+  ``config.<field>=<value!r> is invalid; accepted: <accepted>`` (``field`` dotted from the
+  config's root, e.g. ``'objective.path'``; ``accepted`` a list of values or a phrase)."""
+  return ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
+
+
 class DataError(ValueError):
   """A data or weights file the user supplied is missing, unreadable or of the wrong layout; the
   message names the file."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fmdistill import errors
 from fmdistill.errors import ConfigError
 from flax import nnx
 
@@ -85,11 +86,9 @@ def build(cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_class
   field = lambda k: cfg.get(k, LEGACY[k])
   time = dict(kind=field("time_embedding"), scale=float(field("time_scale")))
   if time["kind"] not in TIME_EMBEDDINGS:
-    raise ConfigError(f"config.model.time_embedding={time['kind']!r} is invalid; accepted: "
-                      f"{list(TIME_EMBEDDINGS)}")
+    raise errors.invalid("model.time_embedding", time["kind"], list(TIME_EMBEDDINGS))
   if field("modulation") not in MODULATIONS:
-    raise ConfigError(f"config.model.modulation={field('modulation')!r} is invalid; accepted: "
-                      f"{list(MODULATIONS)}")
+    raise errors.invalid("model.modulation", field("modulation"), list(MODULATIONS))
   extra = dict(modulation=field("modulation"), guidance_embed=bool(field("guidance_embed")),
                guidance_interval=bool(field("guidance_interval")))
   if cfg.name == "mlp":

@@ -20,7 +20,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from fmdistill import parallel
+from fmdistill import errors, parallel
 from fmdistill.errors import ConfigError
 from fmdistill.models.embeddings import (GuidanceEmbed, LabelEmbed, MODULATIONS, TimeEmbed,
                                          guidance_interval, pnorm, record, split_cond)
@@ -116,8 +116,7 @@ class DiT(nnx.Module):
     if width % heads:
       raise ConfigError(f"config.model.heads={heads} does not divide model.width={width}")
     if modulation not in MODULATIONS:
-      raise ConfigError(f"config.model.modulation={modulation!r} is invalid; accepted: "
-                        f"{list(MODULATIONS)}")
+      raise errors.invalid("model.modulation", modulation, list(MODULATIONS))
     self.patch, self.grid, self.channels, self.depth, self.dtype = patch, (h // patch, w // patch), ch, depth, dtype
     self.modulation = modulation
     kw = dict(dtype=dtype, param_dtype=jnp.float32)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fmdistill import flowmap, paths
+from fmdistill import errors, flowmap, paths
 from fmdistill.errors import ConfigError
 
 Array = jax.Array
@@ -135,16 +135,17 @@ FIELD_RULES = {
 }
 
 
-def first_invalid(o, checks) -> str | None:
-  """``'objective.<field>=<value> is invalid; accepted: ...'`` for the first ``(field, ok,
-  accepted)`` of ``checks`` that is not ``ok`` (``o`` the objective config), else ``None``."""
+def first_invalid(o, checks) -> ConfigError | None:
+  """``errors.invalid`` (``config.objective.<field>=<value> is invalid; accepted: ...``) for
+  the first ``(field, ok, accepted)`` of ``checks`` that is not ``ok`` (``o`` the objective
+  config), else ``None``."""
   for field, ok, accepted in checks:
     if not ok:
-      return f"objective.{field}={o[field]!r} is invalid; accepted: {accepted}"
+      return errors.invalid(f"objective.{field}", o[field], accepted)
   return None
 
 
-def field_problem(o) -> str | None:
+def field_problem(o) -> ConfigError | None:
   """``first_invalid`` of the objective config ``o`` under ``FIELD_RULES``."""
   checks = []
   for name, v in o.items():
@@ -162,7 +163,7 @@ def check_fields(config, checks) -> None:
   ``checks`` that is not ``ok`` as ``config.objective.<field>`` with its value."""
   bad = first_invalid(config.objective, checks)
   if bad:
-    raise ConfigError(f"config.{bad}")
+    raise bad
 
 
 # ----------------------------------------------------------------------------- guidance input

@@ -90,7 +90,7 @@ def check(cfg) -> None:
   directly, e.g. from a notebook)."""
   bad = _common.first_invalid(cfg, checks(cfg))
   if bad:
-    raise ValueError(bad)
+    raise bad
 
 
 def check_config(config) -> None:

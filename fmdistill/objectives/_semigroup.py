@@ -17,16 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from fmdistill import paths
-from fmdistill.errors import ConfigError
+from fmdistill.errors import invalid
 from fmdistill.objectives import _common
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
-
-
-def invalid(field: str, value, accepted) -> ConfigError:
-  """The one-line error ``config.validate`` gives for a bad field."""
-  return ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
 
 
 def check(config, method: str, *, displacement: bool = False) -> None:

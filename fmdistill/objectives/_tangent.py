@@ -33,6 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fmdistill import errors
 from fmdistill.errors import ConfigError
 from fmdistill.objectives import _common
 from fmdistill.paths import bcast
@@ -196,8 +197,7 @@ def check_adaptive(o) -> None:
   the objective section ``o``; raises ``ConfigError`` naming the field."""
   reduce = o.get("adaptive_reduce", "mean")
   if reduce not in REDUCTIONS:
-    raise ConfigError(f"config.objective.adaptive_reduce={reduce!r} is invalid; accepted: "
-                      f"{list(REDUCTIONS)}")
+    raise errors.invalid("objective.adaptive_reduce", reduce, list(REDUCTIONS))
   lo, hi = o.get("guidance_t_min", 0.0), o.get("guidance_t_max", 1.0)
   if not 0.0 <= lo <= hi:
     raise ConfigError(f"config.objective.guidance_t_min/guidance_t_max=({lo!r}, {hi!r}) is "

@@ -34,8 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmdistill import objectives, paths
-from fmdistill.errors import ConfigError
+from fmdistill import errors, objectives, paths
 from fmdistill.objectives import _common
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "none")
@@ -120,7 +119,7 @@ def check(config) -> None:
       ("weighting", o.weighting, list(WEIGHTINGS), o.weighting in WEIGHTINGS)) if not ok]
   if bad:
     f, v, a = bad[0]
-    raise ConfigError(f"config.objective.{f}={v!r} is invalid; accepted: {a}")
+    raise errors.invalid(f"objective.{f}", v, a)
 
 
 objectives.register(objectives.Objective(

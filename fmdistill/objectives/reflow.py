@@ -25,8 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmdistill import objectives
-from fmdistill.errors import ConfigError
+from fmdistill import errors, objectives
 from fmdistill.objectives import _common
 
 
@@ -58,8 +57,8 @@ def reflow_loss(params, batch, key, *, net, teacher=None, ema_params=None, step=
 def check(config) -> None:
   """Config checks (run by ``config.validate``)."""
   if config.objective.pair_steps < 1:
-    raise ConfigError(f"config.objective.pair_steps={config.objective.pair_steps!r} is "
-                      "invalid; accepted: a positive integer (ReFlow uses the two ends)")
+    raise errors.invalid("objective.pair_steps", config.objective.pair_steps,
+                         "a positive integer (ReFlow uses the two ends)")
 
 
 objectives.register(objectives.Objective(

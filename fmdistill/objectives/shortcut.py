@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fmdistill import objectives
+from fmdistill import errors, objectives
 from fmdistill.objectives import _common, _semigroup
 from fmdistill.paths import bcast
 
@@ -115,12 +115,12 @@ def check(config) -> None:
   try:
     levels(o.shortcut_steps)
   except ValueError:
-    raise _semigroup.invalid("objective.shortcut_steps", o.shortcut_steps,
+    raise errors.invalid("objective.shortcut_steps", o.shortcut_steps,
                              "a power of two >= 2 (the paper's 128)") from None
   if o.finest not in ("flow", "map"):
-    raise _semigroup.invalid("objective.finest", o.finest, "'flow' or 'map'")
+    raise errors.invalid("objective.finest", o.finest, "'flow' or 'map'")
   if o.fm_times not in ("grid", "continuous"):
-    raise _semigroup.invalid("objective.fm_times", o.fm_times, "'grid' or 'continuous'")
+    raise errors.invalid("objective.fm_times", o.fm_times, "'grid' or 'continuous'")
 
 
 objectives.register(objectives.Objective(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmdistill import objectives
+from fmdistill import errors, objectives
 from fmdistill.objectives import _common, _semigroup
 
 SPLITS = ("uniform", "midpoint", "forward", "backward")
@@ -100,9 +100,9 @@ def check(config) -> None:
   _semigroup.check(config, "tri_consistency")
   o = config.objective
   if o.split not in SPLITS:
-    raise _semigroup.invalid("objective.split", o.split, list(SPLITS))
+    raise errors.invalid("objective.split", o.split, list(SPLITS))
   if not 0.0 < o.near < 1.0:
-    raise _semigroup.invalid("objective.near", o.near, "a fraction in (0, 1)")
+    raise errors.invalid("objective.near", o.near, "a fraction in (0, 1)")
 
 
 objectives.register(objectives.Objective(

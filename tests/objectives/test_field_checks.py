@@ -6,9 +6,10 @@ in ``(0, 1)``). Every shipped config of these methods validates."""
 import os
 import sys
 
+import jax
 import pytest
 
-from fmdistill import config as config_lib, objectives
+from fmdistill import config as config_lib, models, objectives
 from fmdistill.errors import ConfigError
 from fmdistill.objectives import _score
 
@@ -86,6 +87,35 @@ SHARED = [  # fields that mean the same in every method that has them (_common.F
 @pytest.mark.parametrize("method,field,value,accepted", SHARED)
 def test_a_bad_shared_field_is_one_line_naming_it(method, field, value, accepted):
   test_a_bad_field_is_one_line_naming_it(method, field, value, accepted)
+
+
+OTHER = [  # the method-specific checks and the model's, all built by errors.invalid
+    ("progressive", "objective.weighting", "bogus", "['"),
+    ("progressive", "objective.student_steps", 0, "a positive integer"),
+    ("meanflow", "objective.adaptive_reduce", "median", "['"),
+    ("shortcut", "objective.finest", "bogus", "'flow' or 'map'"),
+    ("tri_consistency", "objective.split", "bogus", "['"),
+    ("splitmeanflow", "objective.sc_ratio", 1.5, "a fraction in [0, 1]"),
+    ("reflow", "objective.pair_steps", 0, "a positive integer"),
+    ("flow_matching", "objective.path", "bogus", "['"),
+    ("flow_matching", "model.modulation", "bogus", "['"),
+    ("flow_matching", "model.time_embedding", "bogus", "['"),
+]
+
+
+@pytest.mark.parametrize("method,field,value,accepted", OTHER)
+def test_every_other_check_gives_the_same_one_line_form(method, field, value, accepted):
+  c = toy2d.get_config(method)
+  if "stage_order" in c:
+    c = c.stages[c.stage_order[-1]]
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+    models.build(c.model, tuple(c.data_shape), 0, jax.random.PRNGKey(0))  # the model's own
+  msg = str(e.value)
+  assert msg.startswith(f"config.{field}={value!r} is invalid; accepted: "), msg
+  assert accepted in msg and "\n" not in msg
 
 
 def test_every_shipped_config_validates():
