@@ -84,6 +84,12 @@ def part_optimizer(config: ml_collections.ConfigDict, name: str
   return make_optimizer(config.parts[name], max(1, part_updates(config, name)))
 
 
+def part_due(p: ml_collections.ConfigDict, k):
+  """Whether a part with schedule ``p`` (``config.parts.<name>``) runs at student step ``k``
+  (0-based; a Python int or a traced integer): ``k % every == 0`` and ``k >= start``."""
+  return (k % p.every == 0) & (k >= p.start)
+
+
 def part_updates(config: ml_collections.ConfigDict, name: str) -> int:
   """How many updates part ``name`` makes in a run: ``updates`` at every student step ``k`` of
   ``[0, train.steps)`` with ``k % every == 0`` and ``k >= start`` (``step``'s schedule)."""

@@ -118,7 +118,7 @@ def make_train_step(config: ml_collections.ConfigDict, net: Any,
     def idle(ps):  # NaN figures of the same structure: logged as null, named as non-finite
       shape = jax.eval_shape(run, ps)[1]
       return ps, jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shape)
-    active = (k % spec.every == 0) & (k >= spec.start)
+    active = state_lib.part_due(spec, k)
     ps, (losses, aux) = jax.lax.cond(active, run, idle, state.parts[name])
     state = state.replace(parts={**state.parts, name: ps})
     metrics = {f"{name}/{m}": jnp.nanmean(v) for m, v in aux.items()}  # the part loss's own

@@ -185,15 +185,17 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
   bar = tqdm(range(start, end), initial=start, total=t.steps, desc=config.method,
              disable=not progress or proc != 0, dynamic_ncols=True)
   save = lambda step, state, force=False: checkpoint.save(mngr, step, state, force, workdir)
+  held = _PartMetrics(config)
   try:
     preempt.check("before training started")
     for step in bar:
       batch = parallel.global_batch(source.batch(step, t.batch_size, proc, nproc), mesh,
                                     t.batch_size)
       state, metrics = step_fn(state, batch, tparams)
+      held.keep(step, metrics)
       done = step + 1
       if done % t.log_every == 0 or done == t.steps:
-        _log((log, tb), metrics, done, eval_fn, eval_net, state, t, bar, progress,
+        _log((log, tb), held.fill(metrics), done, eval_fn, eval_net, state, t, bar, progress,
              config.method)
       if int(state.consecutive_skips) >= t.max_consecutive_skips > 0:
         _stop_non_finite(mngr, save, done, state, workdir)
@@ -210,6 +212,33 @@ def _loop(config, workdir, source, teacher, net, state, eval_fn, progress, stop_
     log.close()
     tb.close()
   return net, state
+
+
+class _PartMetrics:
+  """The figures of each part's latest update, for the logged steps where it is idle.
+
+  A part that runs every ``every > 1`` steps or from ``start`` reports NaN at the steps it
+  skips; with ``every`` dividing ``log_every`` every logged step is one of them, so its loss
+  and metrics never reached the logs. The loop hands each step's (device) metrics to ``keep``,
+  which holds a part's ``<part>_loss`` and ``<part>/<name>`` from the steps it ran (by
+  reference: no transfer); ``fill`` puts the held ones into a logged step's metrics. Before a
+  part's first update its figures stay NaN (logged as null); ``<part>_skipped`` is a running
+  count and always current."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    entry = objectives.entry(config.method)
+    self.schedules = {n: config.parts[n] for n, p in entry.parts_for(config.objective).items()
+                      if not p.joint and (config.parts[n].every > 1 or config.parts[n].start)}
+    self.held: dict[str, dict] = {}
+
+  def keep(self, k: int, metrics: dict) -> None:
+    for n, p in self.schedules.items():
+      if state_lib.part_due(p, k):
+        self.held[n] = {m: v for m, v in metrics.items()
+                        if m == f"{n}_loss" or m.startswith(f"{n}/")}
+
+  def fill(self, metrics: dict) -> dict:
+    return {**metrics, **{m: v for held in self.held.values() for m, v in held.items()}}
 
 
 def _nonfinite_parts(state: TrainState) -> list[str]:

@@ -144,3 +144,34 @@ def test_a_parts_own_metrics_are_logged_under_its_name(two_parts):
   assert np.isfinite(float(m["a/gap"])) and np.isnan(float(m["b/gap"]))
   # a's three updates from v = 0 towards 1 with lr 0.1 (plain Adam): gaps 2, then smaller
   assert 1.0 < float(m["a/gap"]) < 2.0
+
+
+def test_an_idle_parts_latest_figures_reach_the_logged_steps(tmp_path):
+  """A part updated every 2nd step (k = 0, 2, ...) is idle at every logged step when
+  ``log_every`` is even (the line for ``done = k + 1`` comes from an odd ``k``): the log shows
+  its latest update's figures, where it used to show null at every line."""
+  import json
+
+  from fmdistill import train
+
+  t = config_lib.base("flow_matching")
+  t.model.width, t.model.depth = 16, 1
+  t.train.update(steps=4, batch_size=16, log_every=4, ckpt_every=4, warmup_steps=0,
+                 tensorboard=False)
+  train.train_and_evaluate(t, str(tmp_path / "t"), progress=False)
+  c = config_lib.base("dmd")
+  c.model.width, c.model.depth = 16, 1
+  c.train.update(steps=6, batch_size=16, log_every=2, ckpt_every=6, warmup_steps=0,
+                 tensorboard=False)
+  c.teacher.workdir = str(tmp_path / "t")
+  c.parts.critic.update(every=2, start=2, updates=1)
+  train.train_and_evaluate(c, str(tmp_path / "s"), progress=False)
+  lines = [json.loads(l) for l in open(tmp_path / "s" / "metrics.jsonl")]
+  by_step = {l["step"]: l for l in lines if "critic_loss" in l}
+  assert sorted(by_step) == [2, 4, 6]
+  assert by_step[2]["critic_loss"] is None  # before its first update (k = 2): nothing to show
+  for done in (4, 6):  # held from k = 2 and k = 4
+    assert isinstance(by_step[done]["critic_loss"], float), by_step[done]
+    assert any(k.startswith("critic/") and isinstance(v, float)
+               for k, v in by_step[done].items()), by_step[done]
+  assert by_step[4]["critic_loss"] != by_step[6]["critic_loss"]
