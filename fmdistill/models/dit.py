@@ -23,7 +23,7 @@ from flax import nnx
 from fmdistill import errors, parallel
 from fmdistill.errors import ConfigError
 from fmdistill.models.embeddings import (GuidanceEmbed, LabelEmbed, MODULATIONS, TimeEmbed,
-                                         guidance_interval, pnorm, record, split_cond)
+                                         condition, pnorm, record)
 
 Array = jax.Array
 
@@ -144,13 +144,7 @@ class DiT(nnx.Module):
     returns the mean-pooled last hidden layer ``(B, width)`` instead of the output."""
     p = self.patch
     gh, gw = self.grid
-    label, w = split_cond(cond)
-    c = self.time(t, s)
-    if self.label is not None and label is not None:
-      c = c + self.label(label)
-    if self.guidance is not None:
-      c = c + self.guidance(w, c.shape[0], guidance_interval(cond))
-    c = c.astype(self.dtype)
+    c = condition(self, t, s, cond).astype(self.dtype)
     z = rearrange(x.astype(self.dtype), "b (gh p1) (gw p2) c -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
     z = self.embed(z) + jnp.asarray(pos_embed_2d(gh, gw, self.width), self.dtype)[None]
     for i in range(self.depth):

@@ -110,6 +110,20 @@ def guidance_interval(cond) -> Array | None:
   return cond.get("interval") if isinstance(cond, dict) else None
 
 
+def condition(net: nnx.Module, t: Array, s: Array, cond) -> Array:
+  """The conditioning vector ``(B, width)`` of a network with modules ``time`` (``TimeEmbed``),
+  ``label`` and ``guidance`` (each ``None`` when absent): the time embedding of ``(t, s)``
+  plus the label's and the guidance scale's (and interval's) embeddings where ``cond`` has
+  them (``split_cond``)."""
+  label, w = split_cond(cond)
+  c = net.time(t, s)
+  if net.label is not None and label is not None:
+    c = c + net.label(label)
+  if net.guidance is not None:
+    c = c + net.guidance(w, c.shape[0], guidance_interval(cond))
+  return c
+
+
 def _centred(a: Array, at: float, dim: int) -> Array:
   """Sinusoidal features of ``a - at`` minus their value at ``a = at``: exactly zero there."""
   half = dim // 2

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmdistill.models.embeddings import (GuidanceEmbed, LabelEmbed, MODULATIONS, TimeEmbed,
-                                         guidance_interval, pnorm, record, split_cond)
+                                         condition, pnorm, record)
 
 Array = jax.Array
 
@@ -67,13 +67,7 @@ class MLP(nnx.Module):
               features: bool = False) -> Array:
     """The network; ``stats`` (a dict) collects health probes (``models.probe``), ``features``
     returns the last hidden layer ``(B, width)`` instead of the output."""
-    label, w = split_cond(cond)
-    c = self.time(t, s)
-    if self.label is not None and label is not None:
-      c = c + self.label(label)
-    if self.guidance is not None:
-      c = c + self.guidance(w, c.shape[0], guidance_interval(cond))
-    c = nnx.silu(c).astype(self.dtype)
+    c = nnx.silu(condition(self, t, s, cond)).astype(self.dtype)
     h = self.inp(x.astype(self.dtype))
     for i in range(self.depth):
       scale, shift = jnp.split(getattr(self, f"film{i}")(c), 2, axis=-1)

@@ -226,6 +226,15 @@ def dmd_grad(x0: Array, d_real: Array, d_fake: Array) -> Array:
 # ----------------------------------------------------------------------------- critic
 
 
+def part_critic_loss(critic_params: Any, student_params: Any, batch: dict, key: Array, *, net,
+                     apply, teacher=None, parts=None, step=0, cfg=None) -> tuple[Array, dict]:
+  """``critic_loss`` under a trainable part's loss signature (``objectives.Part.loss``): the
+  fake score of VSD, SiD and rCM, which needs neither the teacher, the other parts nor the
+  step."""
+  del teacher, parts, step
+  return critic_loss(critic_params, student_params, batch, key, net=net, apply=apply, cfg=cfg)
+
+
 def critic_loss(critic_params: Any, student_params: Any, batch: dict, key: Array, *, net,
                 apply, cfg, extra: Callable | None = None) -> tuple[Array, dict]:
   """Flow matching of the fake score on the student's current samples (the rollout, under

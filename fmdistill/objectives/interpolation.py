@@ -90,16 +90,8 @@ def sid_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   return loss, {"loss": loss, "score_gap": jnp.mean(jnp.square(gap))}
 
 
-def critic_loss(critic_params, student_params, batch, key, *, net, apply, teacher=None,
-                parts=None, step=0, cfg=None):
-  """Flow matching of the fake score on the generator's samples (``_score.critic_loss``)."""
-  del teacher, parts, step
-  return _score.critic_loss(critic_params, student_params, batch, key, net=net, apply=apply,
-                            cfg=cfg)
-
-
 CRITIC = objectives.Part(init=_score.init_critic, network=_score.critic_network,
-                         loss=critic_loss, optimizer=(("lr", 1e-3),))
+                         loss=_score.part_critic_loss, optimizer=(("lr", 1e-3),))
 
 objectives.register(objectives.Objective(
     name="vsd", loss=vsd_loss, defaults=vsd_defaults, needs_teacher=True,

@@ -84,16 +84,8 @@ def rcm_loss(params, batch, key, *, net, teacher, critic, ema_params=None, step=
   return loss, {**m_scm, "loss": loss, "scm_loss": l_scm, "dmd_loss": l_dmd, **m_dmd}
 
 
-def critic_loss(critic_params, student_params, batch, key, *, net, apply, teacher=None,
-                parts=None, step=0, cfg=None):
-  """Flow matching of the fake score on the student's rollout samples (``_score``)."""
-  del teacher, parts, step
-  return _score.critic_loss(critic_params, student_params, batch, key, net=net, apply=apply,
-                            cfg=cfg)
-
-
 CRITIC = objectives.Part(init=_score.init_critic, network=_score.critic_network,
-                         loss=critic_loss, updates=4, start=1000,
+                         loss=_score.part_critic_loss, updates=4, start=1000,
                          optimizer=(("lr", 1e-3), ("b1", 0.0)))
 
 objectives.register(objectives.Objective(
