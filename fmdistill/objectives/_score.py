@@ -86,8 +86,8 @@ def checks(cfg) -> list[tuple[str, bool, Any]]:
 
 
 def check(cfg) -> None:
-  """A one-line ``ValueError`` for a bad value of the machinery's fields (a loss called
-  directly, e.g. from a notebook)."""
+  """A one-line ``ConfigError`` (a ``ValueError``) for a bad value of the machinery's fields
+  (a loss called directly, e.g. from a notebook)."""
   bad = _common.first_invalid(cfg, checks(cfg))
   if bad:
     raise bad

@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmdistill import errors, objectives, paths
+from fmdistill import objectives, paths
 from fmdistill.objectives import _common
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "none")
@@ -112,14 +112,10 @@ def progressive_loss(params, batch, key, *, net, teacher, ema_params=None, step=
 def check(config) -> None:
   """Config checks (run by ``config.validate``)."""
   o = config.objective
-  bad = [(f, v, a) for f, v, a, ok in (
-      ("student_steps", o.student_steps, "a positive integer", o.student_steps >= 1),
-      ("teacher_solver", o.teacher_solver, list(TEACHER_SOLVERS),
-       o.teacher_solver in TEACHER_SOLVERS),
-      ("weighting", o.weighting, list(WEIGHTINGS), o.weighting in WEIGHTINGS)) if not ok]
-  if bad:
-    f, v, a = bad[0]
-    raise errors.invalid(f"objective.{f}", v, a)
+  _common.check_fields(config, [
+      ("student_steps", o.student_steps >= 1, "a positive integer"),
+      ("teacher_solver", o.teacher_solver in TEACHER_SOLVERS, list(TEACHER_SOLVERS)),
+      ("weighting", o.weighting in WEIGHTINGS, list(WEIGHTINGS))])
 
 
 objectives.register(objectives.Objective(

@@ -116,7 +116,7 @@ def check(config) -> None:
     levels(o.shortcut_steps)
   except ValueError:
     raise errors.invalid("objective.shortcut_steps", o.shortcut_steps,
-                             "a power of two >= 2 (the paper's 128)") from None
+                         "a power of two >= 2 (the paper's 128)") from None
   if o.finest not in ("flow", "map"):
     raise errors.invalid("objective.finest", o.finest, "'flow' or 'map'")
   if o.fm_times not in ("grid", "continuous"):
